@@ -1,0 +1,403 @@
+"""Compile traced programs into MAX graphs and run them.
+
+A program is cut at its scan nodes. Each run of straight-line nodes becomes one MAX graph; each
+scan runs its body (compiled once, itself cut the same way) from a Python loop. Compile cost
+therefore does not grow with the number of steps. Compiled graphs are exported as MEF files under
+the cache directory, keyed by the program fingerprint and the device, so a second process loads
+them in milliseconds instead of recompiling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from modgrad.engine.core import Node, Program, ShapeError, Trace, Value, trace_scope
+from modgrad.engine.interpret import bind_sizes, run_program
+from modgrad.engine.pytree import tree_flatten, tree_unflatten
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "gpu", "numpy")
+
+# Counts real MAX compilations (cache misses) in this process; tests use it to prove reuse.
+STATS = {"compiles": 0, "mef_loads": 0, "traces": 0}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MODGRAD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "modgrad")
+    path = Path(root) / "mef"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def devices() -> list[str]:
+    """Devices available here: always "cpu" and "numpy"; "gpu" when MAX sees an accelerator."""
+    from max.driver import accelerator_count
+
+    found = ["cpu"]
+    if accelerator_count() > 0:
+        found.append("gpu")
+    found.append("numpy")
+    return found
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; available here: {', '.join(devices())}")
+    if device == "gpu" and "gpu" not in devices():
+        raise ValueError(f"device 'gpu' requested but MAX sees no accelerator; available here: {', '.join(devices())}")
+    return device
+
+
+_SESSIONS: dict = {}
+
+
+def _runtime(device: str):
+    """Return (session, driver device, graph DeviceRef), shared by every program in the process."""
+    if device not in _SESSIONS:
+        from max.driver import CPU, Accelerator
+        from max.engine import InferenceSession
+        from max.graph import DeviceRef
+
+        if device == "gpu":
+            dev, ref = Accelerator(), DeviceRef.GPU()
+        else:
+            dev, ref = CPU(), DeviceRef.CPU()
+        # The session also needs the host CPU when the program runs on a GPU.
+        session_devices = [dev] if device == "cpu" else [dev, CPU()]
+        _SESSIONS[device] = (InferenceSession(devices=session_devices), dev, ref)
+    return _SESSIONS[device]
+
+
+# --------------------------------------------------------------------------------------------
+# Cutting a program into graph segments and loops
+
+
+@dataclass
+class Segment:
+    nodes: list[Node]
+    inputs: list[Value] = field(default_factory=list)
+    outputs: list[Value] = field(default_factory=list)
+    model: object = None
+
+
+@dataclass
+class Loop:
+    node: Node
+    body: "Plan | None" = None
+
+
+class Plan:
+    """A program prepared for one device: compiled segments and loops in execution order."""
+
+    def __init__(self, program: Program, device: str, name: str = "modgrad"):
+        self.program = program
+        self.device = device
+        self.name = name
+        self.steps: list[Segment | Loop] = []
+        self._cut()
+        if device != "numpy":
+            self._compile()
+
+    def _cut(self) -> None:
+        current: list[Node] = []
+        for node in self.program.nodes:
+            if node.prim.name == "scan":
+                if current:
+                    self.steps.append(Segment(current))
+                    current = []
+                self.steps.append(Loop(node))
+            else:
+                current.append(node)
+        if current:
+            self.steps.append(Segment(current))
+
+        # Values each segment must receive and hand on.
+        later_uses: dict[int, int] = {}
+        for o in self.program.outputs:
+            if isinstance(o, Value):
+                later_uses[o.uid] = len(self.steps)
+        for i, step in enumerate(self.steps):
+            nodes = step.nodes if isinstance(step, Segment) else [step.node]
+            for n in nodes:
+                for x in n.inputs:
+                    if isinstance(x, Value):
+                        later_uses[x.uid] = max(later_uses.get(x.uid, -1), i)
+        for i, step in enumerate(self.steps):
+            if not isinstance(step, Segment):
+                continue
+            defined = {o.uid for n in step.nodes for o in n.outputs}
+            seen: set[int] = set()
+            for n in step.nodes:
+                for x in n.inputs:
+                    if isinstance(x, Value) and x.uid not in defined and x.uid not in seen:
+                        seen.add(x.uid)
+                        step.inputs.append(x)
+            step.outputs = [o for n in step.nodes for o in n.outputs if later_uses.get(o.uid, -1) > i]
+
+    def _compile(self) -> None:
+        for k, step in enumerate(self.steps):
+            if isinstance(step, Loop):
+                body = step.node.attrs["body"]
+                step.body = Plan(body, self.device, name=f"{self.name}_body{k}")
+            elif step.outputs:
+                step.model = _load_or_compile(step, self.device, f"{self.name}_seg{k}")
+
+    # ----------------------------------------------------------------------------------------
+
+    def run(self, args: list) -> list:
+        if self.device == "numpy":
+            return run_program(self.program, args)
+        env: dict[int, object] = {v.uid: a for v, a in zip(self.program.inputs, args)}
+        for step in self.steps:
+            if isinstance(step, Segment):
+                if not step.outputs:
+                    continue
+                ins = [_to_runtime(env[x.uid], self.device) for x in step.inputs]
+                outs = step.model.execute(*ins)
+                for v, o in zip(step.outputs, outs):
+                    env[v.uid] = o
+            else:
+                self._run_loop(step, env)
+        return [env[o.uid] if isinstance(o, Value) else o for o in self.program.outputs]
+
+    def _run_loop(self, step: Loop, env: dict) -> None:
+        node, a = step.node, step.node.attrs
+        nc, ncar = a["n_consts"], a["n_carry"]
+        vals = [env[x.uid] if isinstance(x, Value) else x for x in node.inputs]
+        consts = vals[:nc]
+        carry = vals[nc : nc + ncar]
+        xs = [_to_host(x) for x in vals[nc + ncar :]]
+        steps = xs[0].shape[0] if xs else int(a["length"])
+        n_y = len(a["body"].outputs) - ncar
+        history: list[list] = [[None] * steps for _ in carry]
+        ys: list = [None] * steps
+        order = range(steps - 1, -1, -1) if a["reverse"] else range(steps)
+        for t in order:
+            for i, c in enumerate(carry):
+                history[i][t] = c
+            outs = step.body.run(consts + carry + [x[t] for x in xs])
+            carry = outs[:ncar]
+            ys[t] = outs[ncar:]
+        stacked_ys = [np.stack([_to_host(ys[t][j]) for t in range(steps)]) for j in range(n_y)]
+        stacked_hist = [np.stack([_to_host(h) for h in hist]) for hist in history]
+        for v, o in zip(node.outputs, carry + stacked_ys + stacked_hist):
+            env[v.uid] = o
+
+
+def _to_host(x):
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "to_numpy"):
+        from max.driver import CPU
+
+        if hasattr(x, "device") and not x.device.is_host:
+            x = x.to(CPU())
+        return x.to_numpy()
+    return np.asarray(x)
+
+
+def _to_runtime(x, device: str):
+    if isinstance(x, (np.ndarray, np.generic)):
+        arr = np.asarray(x)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy()
+        if device == "gpu":
+            from max.driver import Buffer
+
+            _, dev, _ = _runtime(device)
+            return Buffer.from_numpy(arr).to(dev)
+        return arr
+    return x
+
+
+def _segment_graph(seg: Segment, device: str, name: str):
+    from max.graph import Graph, TensorType
+
+    from modgrad.graphs import lower, to_max_dtype
+
+    _, _, ref = _runtime(device)
+    types = [TensorType(to_max_dtype(v.dtype), list(v.shape), device=ref) for v in seg.inputs]
+    with Graph(name, input_types=types) as graph:
+        env = {v.uid: g.tensor for v, g in zip(seg.inputs, graph.inputs)}
+        for node in seg.nodes:
+            args = [env[x.uid] if isinstance(x, Value) else x for x in node.inputs]
+            outs = lower(node.prim.name, args, node.attrs, ref)
+            for v, o in zip(node.outputs, outs):
+                env[v.uid] = o
+        graph.output(*[env[v.uid] for v in seg.outputs])
+    return graph
+
+
+def _segment_key(seg: Segment, device: str) -> str:
+    prog = Program(seg.inputs, seg.nodes, seg.outputs)
+    import max
+
+    tag = f"{prog.fingerprint()}|{device}|max-{getattr(max, '__version__', '?')}"
+    return hashlib.sha256(tag.encode()).hexdigest()[:32]
+
+
+def _load_or_compile(seg: Segment, device: str, name: str):
+    session, _, _ = _runtime(device)
+    path = cache_dir() / f"{_segment_key(seg, device)}.mef"
+    if path.exists():
+        try:
+            model = session.load(str(path))
+            STATS["mef_loads"] += 1
+            return model
+        except Exception as err:  # a stale or truncated cache file is rebuilt, not fatal
+            log.warning("ignoring unreadable compiled cache %s: %s", path, err)
+    graph = _segment_graph(seg, device, name)
+    start = time.perf_counter()
+    compiled = session.compile(graph)
+    STATS["compiles"] += 1
+    log.info("compiled %s (%d ops) in %.1f s", name, len(seg.nodes), time.perf_counter() - start)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".mef.tmp")
+    os.close(fd)
+    try:
+        compiled.export_mef(tmp)
+        os.replace(tmp, path)
+    except Exception as err:
+        log.warning("could not write compiled cache %s: %s", path, err)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return session.init(compiled)
+
+
+# --------------------------------------------------------------------------------------------
+# The user-facing compiled function
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, np.ndarray) or isinstance(x, np.generic) or hasattr(x, "to_numpy")
+
+
+def _shape_dtype(x):
+    if hasattr(x, "to_numpy") and not isinstance(x, np.ndarray):
+        return tuple(x.shape), np.dtype(x.dtype.to_numpy())
+    arr = np.asarray(x)
+    return arr.shape, arr.dtype
+
+
+class CompiledFunction:
+    """``fn`` traced once per argument signature and run as MAX graphs on ``device``.
+
+    Array leaves of the arguments are program inputs (their values may change freely between
+    calls); every other leaf (int, float, str, None) is static and part of the cache key.
+    ``dims`` marks axes as symbolic so one compilation serves every size: a tuple with one
+    entry per positional argument, each a tree matching that argument whose leaves are shape
+    tuples with str names for symbolic axes (e.g. ``("B", 8)``) or None for static shapes.
+    """
+
+    def __init__(self, fn: Callable, device: str = "cpu", dims: Sequence | None = None, name: str | None = None):
+        self.fn = fn
+        self.device = check_device(device)
+        self.dims = dims
+        self.name = name or getattr(fn, "__name__", "fn").replace("<", "").replace(">", "")
+        self._plans: dict = {}
+
+    def _dim_specs(self, args) -> list:
+        if self.dims is None:
+            return [None] * len(tree_flatten(args)[0])
+        if len(self.dims) != len(args):
+            raise ValueError(f"dims has {len(self.dims)} entries for {len(args)} positional arguments")
+        specs = []
+        for spec, arg in zip(self.dims, args):
+            n = len(tree_flatten(arg)[0])
+            if spec is None:
+                specs.extend([None] * n)
+                continue
+            leaves = _spec_leaves(spec)
+            if len(leaves) != n:
+                raise ValueError(f"dims entry {spec!r} has {len(leaves)} shapes for {n} arrays")
+            specs.extend(leaves)
+        return specs
+
+    def signature(self, args) -> tuple:
+        leaves, td = tree_flatten(args)
+        specs = self._dim_specs(args)
+        sig = []
+        for leaf, spec in zip(leaves, specs):
+            if _is_array(leaf):
+                shape, dtype = _shape_dtype(leaf)
+                if spec is not None:
+                    if len(spec) != len(shape):
+                        raise ShapeError(f"dims {spec} has rank {len(spec)} but the argument has shape {shape}")
+                    for d, n in zip(spec, shape):
+                        if isinstance(d, int) and d != n:
+                            raise ShapeError(f"dims {spec} expects size {d} where the argument has {n}")
+                    shape = tuple(spec)
+                sig.append(("array", shape, dtype.str))
+            else:
+                sig.append(("static", repr(leaf)))
+        return td, tuple(sig)
+
+    def __call__(self, *args):
+        key = self.signature(args)
+        entry = self._plans.get(key)
+        if entry is None:
+            entry = self._build(args, key)
+            self._plans[key] = entry
+        plan, out_td, in_positions = entry
+        leaves, _ = tree_flatten(args)
+        inputs = [leaves[i] for i in in_positions]
+        outs = plan.run(inputs)
+        return tree_unflatten(out_td, [_present(o, self.device) for o in outs])
+
+    def _build(self, args, key):
+        td, sig = key
+        leaves, _ = tree_flatten(args)
+        trace = Trace(name=f"compile {self.name}")
+        STATS["traces"] += 1
+        in_positions = []
+        with trace_scope(trace):
+            traced = []
+            for i, (leaf, entry) in enumerate(zip(leaves, sig)):
+                if entry[0] == "array":
+                    traced.append(trace.placeholder(entry[1], np.dtype(entry[2])))
+                    in_positions.append(i)
+                else:
+                    traced.append(leaf)
+            out = self.fn(*tree_unflatten(td, traced))
+        out_leaves, out_td = tree_flatten(out)
+        program = Program(trace.inputs, trace.nodes, out_leaves)
+        start = time.perf_counter()
+        plan = Plan(program, self.device, name=self.name)
+        log.debug("prepared %s for %s in %.1f s", self.name, self.device, time.perf_counter() - start)
+        return plan, out_td, in_positions
+
+
+def _spec_leaves(spec) -> list:
+    """Shape tuples inside a dims tree: a tuple whose items are all int/str is one shape."""
+    if spec is None:
+        return [None]
+    if isinstance(spec, tuple) and all(isinstance(d, (int, str)) for d in spec):
+        return [spec]
+    if isinstance(spec, dict):
+        return [s for k in sorted(spec) for s in _spec_leaves(spec[k])]
+    if isinstance(spec, (list, tuple)):
+        return [s for item in spec for s in _spec_leaves(item)]
+    raise ValueError(f"cannot read dims entry {spec!r}")
+
+
+def _present(x, device: str):
+    """CPU results come back as numpy arrays (zero-copy); GPU results stay on the device."""
+    if device == "gpu" or isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "to_numpy"):
+        return x.to_numpy()
+    return np.asarray(x)
+
+
+def compile(fn: Callable, device: str = "cpu", dims: Sequence | None = None, name: str | None = None) -> CompiledFunction:
+    """Compile ``fn`` for ``device``: "cpu" or "gpu" (MAX graphs) or "numpy" (the reference evaluator)."""
+    return CompiledFunction(fn, device=device, dims=dims, name=name)

@@ -152,13 +152,17 @@ def _scan_vjp(node: Node, cts: list):
 scan_p = register(Primitive("scan", _scan_rule, _scan_impl, _scan_vjp, multiple_results=True))
 
 
-def scan(body_fn: Callable, init, xs=None, length: int | None = None, reverse: bool = False):
+def scan(body_fn: Callable, init, xs=None, length: int | None = None, reverse: bool = False, unroll: bool = False):
     """Loop ``carry, y = body_fn(carry, x)`` over the leading axis of ``xs`` (or ``length`` steps).
 
     ``init`` and ``xs`` are trees of arrays or values. Returns ``(final_carry, ys)`` with ys stacked
     along a new leading axis of size T. The body is traced once, so compiling a scan costs the same
-    for 4 or 4,000 steps.
+    for 4 or 4,000 steps. ``unroll=True`` instead calls the body T times in Python: one larger
+    straight-line program, worth it for a handful of steps because each compiled loop step costs
+    a separate graph call.
     """
+    if unroll:
+        return _unrolled(body_fn, init, xs, length, reverse)
     init_leaves, init_td = tree_flatten(init)
     xs_leaves, xs_td = tree_flatten(xs)
     if xs_leaves:
@@ -220,3 +224,21 @@ def _match_dtype(out, placeholder: Value):
     if arr.dtype != placeholder.dtype:
         arr = arr.astype(placeholder.dtype)
     return np.broadcast_to(arr, placeholder.shape).copy() if arr.shape != placeholder.shape else arr
+
+
+def _unrolled(body_fn: Callable, init, xs, length, reverse: bool):
+    from modgrad import ops
+
+    xs_leaves, xs_td = tree_flatten(xs)
+    steps = _leaf_aval(xs_leaves[0])[0][0] if xs_leaves else length
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"unroll needs a static number of steps >= 1, got {steps}")
+    carry = init
+    ys: list = [None] * steps
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        x_t = tree_unflatten(xs_td, [x[t] for x in xs_leaves]) if xs is not None else None
+        carry, ys[t] = body_fn(carry, x_t)
+    y_leaves = [tree_flatten(y)[0] for y in ys]
+    y_td = tree_flatten(ys[0])[1]
+    stacked = [ops.stack([leaves[j] for leaves in y_leaves], 0) for j in range(len(y_leaves[0]))]
+    return carry, tree_unflatten(y_td, stacked)

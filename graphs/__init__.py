@@ -15,6 +15,9 @@ from max.graph import DeviceRef, TensorValue, ops
 
 LOWERINGS: dict[str, Callable] = {}
 
+# Part of the compiled-program cache key: bump it whenever a lowering changes what it emits.
+LOWERING_VERSION = 2
+
 _DTYPES = {
     np.dtype(np.float32): DType.float32,
     np.dtype(np.float64): DType.float64,
@@ -43,7 +46,7 @@ def lowering(name: str):
 
 
 def constant(array: np.ndarray, device: DeviceRef) -> TensorValue:
-    arr = np.ascontiguousarray(array)
+    arr = np.asarray(array, order="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
     return ops.constant(arr, to_max_dtype(arr.dtype), device)
 
 

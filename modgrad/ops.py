@@ -34,14 +34,24 @@ def dtype_of(x) -> np.dtype:
     return x.dtype if isinstance(x, Value) else np.asarray(x).dtype
 
 
+def _is_tensor(x) -> bool:
+    """Values and numpy arrays (0-d included) carry a dtype; Python scalars adopt one."""
+    return isinstance(x, (Value, np.ndarray, np.generic))
+
+
 def _coerce(x, y):
-    """Give Python scalars and 0-d constants the dtype of the tensor on the other side."""
-    xt = isinstance(x, (Value, np.ndarray)) and np.ndim(x) > 0 or isinstance(x, Value)
-    yt = isinstance(y, (Value, np.ndarray)) and np.ndim(y) > 0 or isinstance(y, Value)
-    if xt and not isinstance(y, Value) and np.ndim(y) == 0:
+    """Give Python scalars the dtype of the tensor on the other side, as numpy does."""
+    xt, yt = _is_tensor(x), _is_tensor(y)
+    if xt and not yt:
         y = np.asarray(y, dtype=dtype_of(x))
-    elif yt and not isinstance(x, Value) and np.ndim(x) == 0:
+    elif yt and not xt:
         x = np.asarray(x, dtype=dtype_of(y))
+    elif xt and yt and dtype_of(x) != dtype_of(y):
+        # A 0-d constant meeting a traced value adopts its dtype (weak typing of constants).
+        if not isinstance(y, Value) and np.ndim(y) == 0 and isinstance(x, Value):
+            y = np.asarray(y, dtype=dtype_of(x))
+        elif not isinstance(x, Value) and np.ndim(x) == 0 and isinstance(y, Value):
+            x = np.asarray(x, dtype=dtype_of(y))
     else:
         x = x if isinstance(x, Value) else np.asarray(x)
         y = y if isinstance(y, Value) else np.asarray(y)
@@ -93,10 +103,9 @@ def clip(x, lo: float, hi: float):
 
 
 def where(cond, x, y):
+    if not _is_tensor(x) and not _is_tensor(y):
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
     x, y = _coerce(x, y)
-    if not isinstance(x, Value) and not isinstance(y, Value) and np.ndim(x) == 0 and np.ndim(y) == 0:
-        x = np.asarray(x, np.float32)
-        y = np.asarray(y, np.float32)
     return bind(ew.where_p, cond, x, y)
 
 
@@ -250,6 +259,8 @@ def getitem(x, idx):
     for axis, item in enumerate(idx):
         d = shape[axis]
         if isinstance(item, (int, np.integer)):
+            if isinstance(d, int) and not -d <= int(item) < d:
+                raise IndexError(f"index {item} is out of range for axis {axis} of size {d}")
             i = int(item) % d
             out = slice_axis(out, axis, i, i + 1)
             drop.append(axis)

@@ -242,7 +242,9 @@ def _segment_key(seg: Segment, device: str) -> str:
     prog = Program(seg.inputs, seg.nodes, seg.outputs)
     import max
 
-    tag = f"{prog.fingerprint()}|{device}|max-{getattr(max, '__version__', '?')}"
+    from modgrad.graphs import LOWERING_VERSION
+
+    tag = f"{prog.fingerprint()}|{device}|max-{getattr(max, '__version__', '?')}|lowering-{LOWERING_VERSION}"
     return hashlib.sha256(tag.encode()).hexdigest()[:32]
 
 

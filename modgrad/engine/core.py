@@ -150,6 +150,12 @@ class Value:
     def mean(self, axis=None, keepdims=False):
         return _ops().mean(self, axis=axis, keepdims=keepdims)
 
+    def __iter__(self):
+        raise TypeError(f"cannot iterate over a traced value {self}; index it or use ops")
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError(f"a traced value {self} cannot become a numpy array; use modgrad.ops on it")
+
     def __bool__(self):
         raise TraceError(
             "a traced value has no Python truth value; use ops.where or ops.cond for data-dependent choices"

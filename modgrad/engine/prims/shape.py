@@ -205,7 +205,7 @@ def _take_add_impl(g, idx, axis, size):
     out_shape = g.shape[:axis] + (size,) + g.shape[axis + k :]
     out = np.zeros(out_shape, g.dtype)
     moved = np.moveaxis(out, axis, 0)  # a view: (size, pre..., post...)
-    gm = np.moveaxis(g.reshape(g.shape[:axis] + (-1,) + g.shape[axis + k :]), axis, 0)  # (n, pre..., post...)
+    gm = np.moveaxis(g.reshape(g.shape[:axis] + (idx.size,) + g.shape[axis + k :]), axis, 0)  # (n, pre..., post...)
     np.add.at(moved, idx.reshape(-1), gm)
     return [out]
 

@@ -23,6 +23,8 @@ from modgrad import ops
 from modgrad.ctm.config import CtmConfig
 from modgrad.engine.prims.control import scan
 
+UNROLL_TICKS = 4  # tick loops up to this length are unrolled when traced
+
 
 def linear(p: dict, x):
     return ops.matmul(x, p["w"]) + p["b"]
@@ -155,7 +157,8 @@ def run_ticks(params: dict, buffers: dict, cfg: CtmConfig, kv, state: dict, rest
         return (trace, z, a_out, b_out, a_act, b_act, s * 0.0 + 1.0), s_out
 
     init = (state["trace"], state["z"], alpha_out, beta_out, state["alpha_action"], state["beta_action"], started)
-    final, sync_out = scan(tick, init, length=cfg.ticks)
+    # A few ticks run unrolled: one straight-line program instead of a loop of tiny compiled calls.
+    final, sync_out = scan(tick, init, length=cfg.ticks, unroll=cfg.ticks <= UNROLL_TICKS)
     trace, z, a_out, b_out, a_act, b_act, s = final
     new_state = {
         "trace": trace,

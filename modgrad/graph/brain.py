@@ -1,0 +1,183 @@
+"""The brain forward pass: K outer ticks over CTM regions, a global sync readout, one prediction per tick.
+
+Per outer tick, every region reads the previous outer tick's region outputs (a Jacobi update, so
+region order does not matter):
+
+    x_r  = sum of Linear(concat(source outputs (+ observation))) over connections into r
+           (obs_proj(observation) for a region without connections; router presets route instead)
+    z_r  = run_ticks(region r, x_r as one observation token)       -> (B, D_r)
+    A    = concat(z_0 .. z_{n-1})                                   -> (B, sum D)
+    alpha = rho * alpha + A[L] * A[R];  beta = rho * beta + 1       -> global sync gs = alpha / sqrt(beta)
+    logits_k = output_proj(gs)                                      -> (B, out_dims)
+
+Gradients are exact through everything: edges into their source regions, the router, the global
+sync recurrence and its decays, the region states across outer ticks and, when the caller carries
+the state, across tokens. The reference's hand-written backward drops all of those.
+"""
+
+from __future__ import annotations
+
+from modgrad import ops
+from modgrad.ctm.model import decay_rate, encode_observation, init_state, linear, pair_products, run_ticks
+from modgrad.graph.config import RegionalConfig
+
+# Outer loops this short run as a Python loop (fewer nested scans); longer ones use ops.scan.
+MAX_UNROLLED_OUTER_TICKS = 4
+
+
+def init_brain_state(params: dict, cfg: RegionalConfig, batch: int | str) -> dict:
+    """Fresh state: every region at its start state, global sync alpha = 0 and beta = 1.
+
+    Built from ``params`` with ops, so gradients reach the start activations and start traces.
+    """
+    dtype = ops.dtype_of(params["global_decay"])
+    return {
+        "regions": [init_state(p, rc, batch) for p, rc in zip(params["regions"], cfg.regions)],
+        "global_alpha": ops.zeros((batch, cfg.n_global_sync), dtype),  # (B, S)
+        "global_beta": ops.ones((batch, cfg.n_global_sync), dtype),  # (B, S)
+    }
+
+
+def global_sync(state: dict):
+    """Current global synchronisation alpha / sqrt(beta). -> (B, n_global_sync)."""
+    return state["global_alpha"] * ops.rsqrt(state["global_beta"])
+
+
+# --------------------------------------------------------------------------------------------
+# Region inputs
+
+
+def connection_inputs(params: dict, cfg: RegionalConfig, obs, outputs: list) -> list:
+    """Input of every region from the fixed connections. obs (B, raw), outputs[r] (B, D_r) -> [(B, Di_r)]."""
+    received: list = [None] * cfg.n_regions
+    for conn, edge in zip(cfg.connections, params["edges"]):
+        parts = [outputs[s] for s in conn.sources]
+        if conn.receives_observation:
+            start, length = cfg.obs_slice(conn.observation_scale)
+            parts.append(obs if length == cfg.raw_obs_dim else ops.slice_axis(obs, -1, start, start + length))
+        x = linear(edge, ops.concat(parts, -1))  # (B, Di_target)
+        received[conn.target] = x if received[conn.target] is None else received[conn.target] + x
+
+    missing = [r for r in range(cfg.n_regions) if received[r] is None]
+    if missing:
+        projected = linear(params["obs_proj"], obs)  # (B, Di_0)
+        for r in missing:
+            received[r] = projected
+    return received
+
+
+def top_k_mask(weights, k: int, axis: int):
+    """1.0 at the k largest entries along ``axis``, 0.0 elsewhere; carries no gradient."""
+    n = ops.shape_of(weights)[axis]
+    scores = ops.stop_gradient(weights)
+    mask = scores * 0.0
+    perm = [i for i in range(len(ops.shape_of(weights))) if i != axis] + [axis]
+    inverse = [perm.index(i) for i in range(len(perm))]
+    for _ in range(min(k, n)):
+        best = ops.argmax(ops.where(ops.greater(mask, 0.5), -1e30, scores), axis=axis)
+        picked = ops.transpose(ops.one_hot(best, n, ops.dtype_of(weights)), inverse)
+        mask = mask + picked
+    return mask
+
+
+def routed_inputs(params: dict, cfg: RegionalConfig, obs, outputs: list, gs, tick_embed):
+    """Input of every region from the learned router. gs (B, S), tick_embed (E,) -> [(B, Di_r)].
+
+    Destination j reads sum_{i in top-k} w_ij * to_route_i(z_i), where w_ij is a softmax over
+    sources i of route_proj([gs; tick_embed]). The weights are not renormalised after the top-k.
+    """
+    rp, rc, n = params["router"], cfg.router, cfg.n_regions
+    batch = ops.shape_of(gs)[0]
+    embed = ops.broadcast_to(tick_embed, (batch, rc.tick_embed_dim))  # (B, E)
+    logits = ops.reshape(linear(rp["route_proj"], ops.concat([gs, embed], -1)), (batch, n, n))  # (B, src, dst)
+
+    # Softmax over sources with the exponent floored at -30, as the reference does.
+    shifted = logits - ops.stop_gradient(ops.max(logits, 1, keepdims=True))
+    e = ops.exp(ops.maximum(shifted, -30.0))
+    weights = e / ops.sum(e, 1, keepdims=True)  # (B, src, dst)
+    weights = weights * top_k_mask(weights, rc.k, axis=1)
+
+    messages = ops.stack([linear(rp["to_route"][i], outputs[i]) for i in range(n)], 1)  # (B, src, d_route)
+    routed = ops.matmul(ops.transpose(weights, (0, 2, 1)), messages)  # (B, dst, d_route)
+    inputs = [linear(rp["from_route"][j], routed[:, j]) for j in range(n)]  # [(B, Di_j)]
+    if rc.observe_input:
+        inputs[0] = inputs[0] + linear(params["obs_proj"], obs)
+    return inputs
+
+
+# --------------------------------------------------------------------------------------------
+# Outer ticks
+
+
+def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dict, tick_embed, restart_sync: bool):
+    """Run every region for one outer tick, then update the global sync. -> (state, logits (B, out_dims))."""
+    outputs = [s["z"] for s in state["regions"]]
+    if cfg.router is None:
+        inputs = connection_inputs(params, cfg, obs, outputs)
+    else:
+        inputs = routed_inputs(params, cfg, obs, outputs, global_sync(state), tick_embed)
+
+    regions = []
+    for p, b, rc, x, s in zip(params["regions"], buffers["regions"], cfg.regions, inputs, state["regions"]):
+        kv = encode_observation(p, ops.expand_dims(x, 1))  # (B, 1, Di)
+        s, _ = run_ticks(p, b, rc, kv, s, restart_sync=restart_sync)
+        regions.append(s)
+
+    activations = ops.concat([s["z"] for s in regions], -1)  # (B, sum D)
+    rho = decay_rate(params["global_decay"])  # (S,)
+    alpha = rho * state["global_alpha"] + pair_products(activations, buffers["global_left"], buffers["global_right"])
+    beta = rho * state["global_beta"] + 1.0
+    new_state = {"regions": regions, "global_alpha": alpha, "global_beta": beta}
+    return new_state, linear(params["output_proj"], global_sync(new_state))
+
+
+def brain_step(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dict, restart_sync: bool = False):
+    """Run cfg.outer_ticks outer ticks on one observation. obs (B, raw_obs_dim).
+
+    restart_sync: re-initialise every region's sync accumulators at each region call (the
+    reference's inference semantics); by default they continue across outer ticks and calls.
+    Returns (logits (B, K, out_dims), new_state).
+    """
+    width = ops.shape_of(obs)[-1]
+    if width != cfg.raw_obs_dim:
+        raise ValueError(f"observation width {width} does not match the brain's raw_obs_dim {cfg.raw_obs_dim}")
+    k = cfg.outer_ticks
+    tick_embeds = params["router"]["tick_embed"] if cfg.router is not None else None  # (K, E)
+
+    if k <= MAX_UNROLLED_OUTER_TICKS:
+        logits = []
+        for t in range(k):
+            embed = tick_embeds[t] if tick_embeds is not None else None
+            state, pred = outer_tick(params, buffers, cfg, obs, state, embed, restart_sync)
+            logits.append(pred)
+        return ops.stack(logits, 1), state
+
+    def body(carry, embed):
+        return outer_tick(params, buffers, cfg, obs, carry, embed, restart_sync)
+
+    state, logits = ops.scan(body, state, xs=tick_embeds, length=None if tick_embeds is not None else k)
+    return ops.transpose(logits, (1, 0, 2)), state  # (B, K, out_dims)
+
+
+def embed_tokens(params: dict, tokens):
+    """Look up token embeddings. tokens (B, L) int -> (B, L, raw_obs_dim)."""
+    return ops.gather(params["embeddings"], tokens, axis=0)
+
+
+def brain_forward_tokens(params: dict, buffers: dict, cfg: RegionalConfig, tokens, state: dict | None = None):
+    """Run the brain over a token window, carrying its state from token to token.
+
+    tokens (B, L) int64. Gradients flow through the whole window (backpropagation through time
+    over tokens, outer ticks and region ticks). ``state`` defaults to a fresh state.
+    Returns (logits (B, L, K, out_dims), final state).
+    """
+    if state is None:
+        state = init_brain_state(params, cfg, ops.shape_of(tokens)[0])
+    obs = ops.transpose(embed_tokens(params, tokens), (1, 0, 2))  # (L, B, raw)
+
+    def body(carry, obs_t):
+        logits, carry = brain_step(params, buffers, cfg, obs_t, carry)
+        return carry, logits
+
+    state, logits = ops.scan(body, state, xs=obs)  # logits (L, B, K, out_dims)
+    return ops.transpose(logits, (1, 0, 2, 3)), state

@@ -310,6 +310,11 @@ PRESETS = {
 }
 
 
+# The presets are also reachable as RegionalConfig.eight_region_small(...) and so on.
+for _name, _build in PRESETS.items():
+    setattr(RegionalConfig, _name, staticmethod(_build))
+
+
 def preset(name: str, obs_dim: int, out_dims: int, ticks: int) -> RegionalConfig:
     """Build a preset by name."""
     if name not in PRESETS:

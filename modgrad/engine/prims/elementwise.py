@@ -104,7 +104,12 @@ def _shape_of(x):
 
 
 def _binary(name, fn, vjp) -> Primitive:
-    return register(Primitive(name, _binary_rule, lambda x, y: [np.asarray(fn(x, y)).astype(x.dtype, copy=False)], vjp))
+    def impl(x, y):
+        out = fn(x, y)
+        # Integer division yields floats in numpy; the engine keeps the operands' dtype.
+        return [out if out.dtype == x.dtype else out.astype(x.dtype)]
+
+    return register(Primitive(name, _binary_rule, impl, vjp))
 
 
 def _ub(g, x):

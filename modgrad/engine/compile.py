@@ -395,6 +395,10 @@ class CompiledFunction:
         start = time.perf_counter()
         has_loops = any(n.prim.name == "scan" for n in program.nodes)
         # Default: on the CPU, numpy runs the glue around loops; a loop-free program compiles whole.
+        # TODO: with host_glue=False the CTM train step's compiled glue segments give wrong
+        # gradients for some parameter (loss correct; tests/test_ctm.py::test_compiled_glue_gradients
+        # reproduces it, marked xfail). Every op's compiled VJP passes on its own, so the fault is
+        # in an op combination not yet isolated. GPU programs compile their glue and are affected.
         host_glue = self.host_glue if self.host_glue is not None else (self.device == "cpu" and has_loops)
         plan = Plan(program, self.device, name=self.name, host_glue=host_glue)
         log.debug("prepared %s for %s in %.1f s", self.name, self.device, time.perf_counter() - start)

@@ -106,6 +106,8 @@ def _shape_of(x):
 def _binary(name, fn, vjp) -> Primitive:
     def impl(x, y):
         out = fn(x, y)
+        if not isinstance(out, np.ndarray):  # 0-d operands give numpy scalars
+            out = np.asarray(out)
         # Integer division yields floats in numpy; the engine keeps the operands' dtype.
         return [out if out.dtype == x.dtype else out.astype(x.dtype)]
 

@@ -1,0 +1,275 @@
+"""Whole programs against torch autograd: loss and every gradient, eager and compiled.
+
+The programs are a 2-layer MLP with softmax cross-entropy (also as a compiled SGD step) and a
+16-step recurrent loop, written with ``mg.scan``, whose accumulators decay at a learned rate.
+
+Tolerances: the eager engine runs in float64 against torch in float64 with rtol=1e-9,
+atol=1e-12. Compiled programs run in float32 and are compared with torch in float64 on the same
+inputs, with rtol=1e-5 and atol=1e-5 times the largest magnitude of the expected array (at least
+1): matmuls and reductions over n terms carry about sqrt(n) * eps32 * sum|terms| of error. The
+100-step SGD trajectory compounds that error through the updates, so it uses rtol=1e-4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import modgrad as mg
+from modgrad import ops
+from modgrad.engine import compile as engine_compile
+
+D, H, C = 7, 16, 5  # MLP input, hidden and class sizes
+T, DIN, HR = 16, 3, 12  # recurrent steps, input size, state size
+
+
+def assert_close_f32(actual, expected, what: str, rtol: float = 1e-5) -> None:
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, what
+    assert actual.dtype == np.float32, what
+    scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-5 * scale, err_msg=what)
+
+
+def assert_close_f64(actual, expected, what: str) -> None:
+    actual = np.asarray(actual)
+    assert actual.dtype == np.float64, what
+    np.testing.assert_allclose(actual, expected, rtol=1e-9, atol=1e-12, err_msg=what)
+
+
+def torch_grads(loss_fn, params: dict, *args) -> tuple[float, dict]:
+    """Loss and gradients from torch autograd in float64."""
+    tensors = {k: torch.tensor(np.asarray(v, np.float64), requires_grad=True) for k, v in params.items()}
+    loss = loss_fn(tensors, *args)
+    grads = torch.autograd.grad(loss, list(tensors.values()))
+    return loss.item(), {k: g.numpy() for k, g in zip(tensors, grads)}
+
+
+# --------------------------------------------------------------------------------------------
+# 2-layer MLP with softmax cross-entropy
+
+
+def init_mlp(rng, dtype) -> dict:
+    return {
+        "w1": (rng.standard_normal((D, H)) / np.sqrt(D)).astype(dtype),
+        "b1": (0.1 * rng.standard_normal(H)).astype(dtype),
+        "w2": (rng.standard_normal((H, C)) / np.sqrt(H)).astype(dtype),
+        "b2": (0.1 * rng.standard_normal(C)).astype(dtype),
+    }
+
+
+def mlp_loss(params, x, labels):
+    h = ops.tanh(ops.matmul(x, params["w1"]) + params["b1"])  # (B, H)
+    logits = h @ params["w2"] + params["b2"]  # (B, C)
+    targets = ops.one_hot(labels, C, dtype=ops.dtype_of(logits))  # (B, C)
+    return -ops.mean(ops.sum(ops.log_softmax(logits) * targets, axis=-1))
+
+
+def torch_mlp_loss(params, x, labels):
+    x = torch.tensor(np.asarray(x, np.float64))
+    h = torch.tanh(x @ params["w1"] + params["b1"])
+    logits = h @ params["w2"] + params["b2"]
+    return torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels))
+
+
+def sgd_step(params, x, labels, lr):
+    loss, grads = mg.value_and_grad(mlp_loss)(params, x, labels)
+    new_params = {k: params[k] - lr * grads[k] for k in params}
+    return loss, grads, new_params
+
+
+def mlp_data(rng, batch: int, dtype):
+    return rng.standard_normal((batch, D)).astype(dtype), rng.integers(0, C, batch)
+
+
+MLP_DIMS = (None, ("B", D), ("B",), None)
+
+
+@pytest.fixture(scope="module")
+def compiled_sgd_step():
+    return mg.compile(sgd_step, device="cpu", dims=MLP_DIMS)
+
+
+@pytest.mark.parametrize("batch", (1, 3, 64))
+def test_mlp_eager_matches_torch(batch, rng):
+    params = init_mlp(rng, np.float64)
+    x, labels = mlp_data(rng, batch, np.float64)
+    loss, grads = mg.value_and_grad(mlp_loss)(params, x, labels)
+    ref_loss, ref_grads = torch_grads(torch_mlp_loss, params, x, labels)
+    assert_close_f64(loss, ref_loss, "loss")
+    for name in params:
+        assert_close_f64(grads[name], ref_grads[name], f"gradient of {name}")
+
+
+@pytest.mark.max
+@pytest.mark.parametrize("batch", (1, 3, 64))
+def test_mlp_compiled_matches_torch(compiled_sgd_step, batch, rng):
+    params = init_mlp(rng, np.float32)
+    x, labels = mlp_data(rng, batch, np.float32)
+    lr = np.float32(0.1)
+    loss, grads, new_params = compiled_sgd_step(params, x, labels, lr)
+    ref_loss, ref_grads = torch_grads(torch_mlp_loss, params, x, labels)
+    assert_close_f32(loss, ref_loss, "loss")
+    for name in params:
+        assert_close_f32(grads[name], ref_grads[name], f"gradient of {name}")
+        expected = params[name].astype(np.float64) - 0.1 * ref_grads[name]
+        assert_close_f32(new_params[name], expected, f"updated {name}")
+
+
+@pytest.mark.max
+def test_sgd_weights_are_inputs_not_constants(compiled_sgd_step, rng):
+    """100 compiled updates with changing weights and learning rate, and no recompilation."""
+    params = init_mlp(rng, np.float32)
+    x, labels = mlp_data(rng, 32, np.float32)
+    compiled_sgd_step(params, x, labels, np.float32(0.5))  # compiles, or loads from the disk cache
+    compiles_after_first_call = engine_compile.STATS["compiles"]
+
+    ref = {k: torch.tensor(v.astype(np.float64), requires_grad=True) for k, v in params.items()}
+    losses, ref_losses = [], []
+    for step in range(100):
+        lr = 0.5 if step < 50 else 0.25
+        loss, _, params = compiled_sgd_step(params, x, labels, np.float32(lr))
+        losses.append(float(loss))
+
+        ref_loss = torch_mlp_loss(ref, x, labels)
+        grads = torch.autograd.grad(ref_loss, list(ref.values()))
+        with torch.no_grad():
+            for p, g in zip(ref.values(), grads):
+                p -= lr * g
+        ref_losses.append(ref_loss.item())
+
+    assert engine_compile.STATS["compiles"] == compiles_after_first_call
+    assert losses[-1] < 0.5 * losses[0], f"training did not reduce the loss: {losses[0]} -> {losses[-1]}"
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    for name, p in ref.items():
+        assert_close_f32(params[name], p.detach().numpy(), f"{name} after 100 steps", rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# 16-step recurrent loop with decaying accumulators
+
+
+def init_recurrent(rng, dtype) -> dict:
+    return {
+        "wx": (rng.standard_normal((DIN, HR)) / np.sqrt(DIN)).astype(dtype),
+        "wh": (rng.standard_normal((HR, HR)) / np.sqrt(HR)).astype(dtype),
+        "b": (0.1 * rng.standard_normal(HR)).astype(dtype),
+        "h0": (0.5 * rng.standard_normal(HR)).astype(dtype),
+        "decay": rng.uniform(0.0, 3.0, HR).astype(dtype),
+        "wout": (rng.standard_normal((HR, C)) / np.sqrt(HR)).astype(dtype),
+    }
+
+
+def recurrent_loss(params, xs, targets):
+    """Cross-entropy of a readout of decayed state averages at every step, plus a final-state penalty.
+
+    alpha_t = r * alpha_{t-1} + h_t and beta_t = r * beta_{t-1} + 1 with r = exp(-clip(decay, 0, 15)),
+    so alpha_t / sqrt(beta_t) weights recent states more, and gradients reach decay through r. The
+    input projection and the readout run outside the loop, as batched matmuls over all steps.
+    """
+    batch = ops.shape_of(xs)[1]
+    r = ops.exp(-ops.clip(params["decay"], 0.0, 15.0))  # (HR,)
+    h0 = ops.broadcast_to(params["h0"], (batch, HR))
+    zeros = ops.zeros((batch, HR), ops.dtype_of(xs))
+    inputs = ops.matmul(xs, params["wx"]) + params["b"]  # (T, B, HR)
+
+    def tick(carry, u):
+        h, alpha, beta = carry
+        h = ops.tanh(u + h @ params["wh"])  # (B, HR)
+        alpha = r * alpha + h
+        beta = r * beta + 1.0
+        return (h, alpha, beta), alpha * ops.rsqrt(beta)
+
+    (h, _, _), syncs = mg.scan(tick, (h0, zeros, zeros), inputs)  # syncs (T, B, HR)
+    logits = syncs @ params["wout"]  # (T, B, C)
+    targets = ops.one_hot(targets, C, dtype=ops.dtype_of(xs))
+    ce = -ops.mean(ops.sum(ops.log_softmax(logits) * targets, axis=-1))
+    return ce + 0.1 * ops.mean(ops.square(h))
+
+
+def torch_recurrent_loss(params, xs, targets):
+    xs = torch.tensor(np.asarray(xs, np.float64))
+    batch = xs.shape[1]
+    r = torch.exp(-torch.clamp(params["decay"], 0.0, 15.0))
+    h = params["h0"].expand(batch, HR)
+    alpha = torch.zeros(batch, HR, dtype=torch.float64)
+    beta = torch.zeros(batch, HR, dtype=torch.float64)
+    ce = []
+    for t in range(xs.shape[0]):
+        h = torch.tanh(xs[t] @ params["wx"] + params["b"] + h @ params["wh"])
+        alpha = r * alpha + h
+        beta = r * beta + 1.0
+        logits = (alpha / torch.sqrt(beta)) @ params["wout"]
+        ce.append(torch.nn.functional.cross_entropy(logits, torch.from_numpy(targets[t])))
+    return torch.stack(ce).mean() + 0.1 * torch.mean(h * h)
+
+
+def recurrent_data(rng, steps: int, batch: int, dtype):
+    return rng.standard_normal((steps, batch, DIN)).astype(dtype), rng.integers(0, C, (steps, batch))
+
+
+def recurrent_value_and_grad(params, xs, targets):
+    return mg.value_and_grad(recurrent_loss)(params, xs, targets)
+
+
+@pytest.fixture(scope="module")
+def compiled_recurrent():
+    # Steps and batch are symbolic: one compile serves every length, as the scan body is traced once.
+    return mg.compile(recurrent_value_and_grad, device="cpu", dims=(None, ("T", "B", DIN), ("T", "B")))
+
+
+@pytest.mark.parametrize("batch", (1, 4))
+def test_recurrent_eager_matches_torch(batch, rng):
+    params = init_recurrent(rng, np.float64)
+    xs, targets = recurrent_data(rng, T, batch, np.float64)
+    loss, grads = mg.value_and_grad(recurrent_loss)(params, xs, targets)
+    ref_loss, ref_grads = torch_grads(torch_recurrent_loss, params, xs, targets)
+    assert_close_f64(loss, ref_loss, "loss")
+    for name in params:
+        assert_close_f64(grads[name], ref_grads[name], f"gradient of {name}")
+
+
+def test_recurrent_decay_gradient_is_nonzero(rng):
+    params = init_recurrent(rng, np.float64)
+    xs, targets = recurrent_data(rng, T, 2, np.float64)
+    _, grads = mg.value_and_grad(recurrent_loss)(params, xs, targets)
+    assert np.all(np.abs(grads["decay"]) > 0)
+
+
+@pytest.mark.max
+@pytest.mark.parametrize("steps, batch", [(T, 1), (T, 4), (5, 3)])
+def test_recurrent_compiled_matches_torch(compiled_recurrent, steps, batch, rng):
+    params = init_recurrent(rng, np.float32)
+    xs, targets = recurrent_data(rng, steps, batch, np.float32)
+    loss, grads = compiled_recurrent(params, xs, targets)
+    ref_loss, ref_grads = torch_grads(torch_recurrent_loss, params, xs, targets)
+    assert_close_f32(loss, ref_loss, "loss")
+    for name in params:
+        assert_close_f32(grads[name], ref_grads[name], f"gradient of {name}")
+
+
+@pytest.mark.max
+def test_recurrent_new_length_does_not_recompile(compiled_recurrent, rng):
+    params = init_recurrent(rng, np.float32)
+    compiled_recurrent(params, *recurrent_data(rng, T, 2, np.float32))
+    before = engine_compile.STATS["compiles"]
+    for steps, batch in [(4, 1), (T, 7), (40, 2)]:
+        compiled_recurrent(params, *recurrent_data(rng, steps, batch, np.float32))
+    assert engine_compile.STATS["compiles"] == before
+
+
+@pytest.mark.max
+@pytest.mark.slow
+def test_recurrent_all_graphs_matches_torch(rng):
+    """host_glue=False: the straight-line parts around the loops compile to MAX graphs as well."""
+    fn = mg.compile(recurrent_value_and_grad, device="cpu", dims=(None, ("T", "B", DIN), ("T", "B")),
+                    host_glue=False)
+    params = init_recurrent(rng, np.float32)
+    for steps, batch in [(T, 1), (5, 3)]:
+        xs, targets = recurrent_data(rng, steps, batch, np.float32)
+        loss, grads = fn(params, xs, targets)
+        ref_loss, ref_grads = torch_grads(torch_recurrent_loss, params, xs, targets)
+        assert_close_f32(loss, ref_loss, f"loss, T={steps}")
+        for name in params:
+            assert_close_f32(grads[name], ref_grads[name], f"gradient of {name}, T={steps}")

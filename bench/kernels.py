@@ -1,0 +1,567 @@
+"""Benchmark modgrad's Mojo kernels against MAX built-ins, numpy and torch.
+
+Prints one JSON line per measurement, starting with the machine:
+- the kernel package's cold build time (``mojo precompile`` in a fresh process with an empty
+  cache) and warm one (a second process that finds the build cached),
+- the copy bandwidth (numpy copy of a 256 MB array, read plus write, one thread), the read
+  bandwidth (torch sum of 256 MB, all threads) and a float32 matmul rate (numpy, 2048^3).
+
+Then one line per kernel and shape with ``time_us`` for ``mojo`` (our custom op in a MAX
+graph), ``max_ops`` (the same math written with ``max.graph.ops``), ``numpy`` and ``torch``
+(CPU, eager): medians, and in ``min_time_us`` the fastest run. The achieved GB/s counts
+compulsory bytes: every input read once, every output written once. GB/s, GFLOP/s, the
+fraction of the copy bandwidth and the machine figures all come from the fastest runs,
+because on a machine shared with other work the fastest run is the better estimate.
+
+    python bench/kernels.py                      # all kernels on the CPU
+    python bench/kernels.py --kernels sync_update matvec --out results.jsonl
+    python bench/kernels.py --device gpu --quick # MAX graphs on the first accelerator
+
+Each kernel compiles two MAX graphs (ours and the composition) with symbolic dimensions. On a
+cold MAX cache that costs 15-60 s per graph on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from max.driver import CPU, Accelerator, Buffer  # noqa: E402
+from max.dtype import DType  # noqa: E402
+from max.engine import InferenceSession  # noqa: E402
+from max.graph import DeviceRef, Graph, TensorType, TensorValue, ops  # noqa: E402
+
+from graphs import kernels  # noqa: E402
+from modgrad.kernels import adamw_hyper, reference  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # torch is optional; its column is left out
+    torch = None
+
+MIN_SECONDS = 0.3  # time spent per measurement, after warm-up
+MAX_REPEATS = 2000
+
+
+def emit(record: dict, out_file) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out_file is not None:
+        out_file.write(line + "\n")
+        out_file.flush()
+
+
+def measure(fn: Callable[[], object], sync: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """Return the median and the minimum wall time of ``fn`` over repeats that fill MIN_SECONDS.
+
+    The minimum is the better estimate on a machine shared with other work.
+    """
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    start = time.perf_counter()
+    while len(times) < MAX_REPEATS and (time.perf_counter() - start < MIN_SECONDS or len(times) < 5):
+        begin = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times), min(times)
+
+
+def fastest_seconds(fn: Callable[[], object]) -> float:
+    return measure(fn)[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Machine
+
+
+def build_times() -> dict:
+    """Time a cold kernel build (fresh process and cache) and a warm one (second process)."""
+    code = (
+        "import json, sys, time; from pathlib import Path; t = time.perf_counter(); "
+        "from modgrad.kernels.build import build_kernels; "
+        "b = build_kernels(root=Path(sys.argv[1])); "
+        "print(json.dumps({'seconds': b.seconds, 'cached': b.cached, "
+        "'process_seconds': time.perf_counter() - t}))"
+    )
+    results = {}
+    with tempfile.TemporaryDirectory() as root:
+        for label in ("cold", "warm"):
+            begin = time.perf_counter()
+            output = subprocess.run(
+                [sys.executable, "-c", code, root], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout
+            record = json.loads(output.strip().splitlines()[-1])
+            record["wall_seconds"] = time.perf_counter() - begin
+            results[label] = record
+    return results
+
+
+def copy_bandwidth_gb_s() -> float:
+    source = np.ones(256 * 2**20 // 4, dtype=np.float32)
+    target = np.empty_like(source)
+    seconds = fastest_seconds(lambda: np.copyto(target, source))
+    return 2 * source.nbytes / seconds / 1e9
+
+
+def read_gb_s() -> float | None:
+    """Return the rate at which torch sums a 256 MB array with all its threads, or None.
+
+    numpy's copy runs on one thread, so kernels that read with every core can beat it.
+    """
+    if torch is None:
+        return None
+    source = torch.ones(256 * 2**20 // 4)
+    seconds = fastest_seconds(lambda: source.sum())
+    return source.numel() * 4 / seconds / 1e9
+
+
+def matmul_gflop_s(size: int = 2048) -> float:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    seconds = fastest_seconds(lambda: a @ b)
+    return 2 * size**3 / seconds / 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels: inputs, symbolic graph types, the MAX composition, numpy and torch versions
+
+
+@dataclass
+class Case:
+    """One benchmark: a kernel at one shape with every implementation of it."""
+
+    kernel: str
+    shape: dict
+    inputs: list[np.ndarray]
+    input_types: list[tuple[DType, list[str]]]
+    ours: Callable[..., list[TensorValue]]
+    composition: Callable[..., list[TensorValue]]
+    numpy_fn: Callable[..., object]
+    torch_fn: Callable[..., object] | None
+    bytes: int
+    flops: int
+
+
+def _f32(rng, *shape) -> np.ndarray:
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def _nbytes(*arrays) -> int:
+    return sum(array.nbytes for array in arrays)
+
+
+def sync_cases(rng) -> list[Case]:
+    cases = []
+    for batch, neurons, pairs in [(1, 512, 4096), (64, 512, 4096)]:
+        z = _f32(rng, batch, neurons)
+        left = rng.integers(0, neurons, pairs).astype(np.int32)
+        right = rng.integers(0, neurons, pairs).astype(np.int32)
+        decay = rng.uniform(0, 1, pairs).astype(np.float32)
+        alpha = _f32(rng, batch, pairs)
+        beta = rng.uniform(0, 4, (batch, pairs)).astype(np.float32)
+        grads = [_f32(rng, batch, pairs) for _ in range(3)]
+        shape = dict(B=batch, D=neurons, S=pairs)
+        types = [(DType.float32, ["B", "D"]), (DType.int32, ["S"]), (DType.int32, ["S"]),
+                 (DType.float32, ["S"]), (DType.float32, ["B", "S"]), (DType.float32, ["B", "S"])]
+        forward_inputs = [z, left, right, decay, alpha, beta]
+        cases.append(Case(
+            "sync_update", shape, forward_inputs, types,
+            ours=lambda *v: list(kernels.sync_update(*v)),
+            composition=lambda *v: list(_sync_composition(*v)),
+            numpy_fn=reference.sync_update,
+            torch_fn=_sync_torch,
+            bytes=_nbytes(*forward_inputs) + 3 * alpha.nbytes,
+            flops=5 * batch * pairs,
+        ))
+        backward_inputs = forward_inputs + grads
+        cases.append(Case(
+            "sync_update_backward", shape, backward_inputs, types + [(DType.float32, ["B", "S"])] * 3,
+            ours=lambda *v: list(kernels.sync_update_backward(*v)),
+            composition=lambda *v: list(_sync_backward_composition(*v)),
+            numpy_fn=reference.sync_update_backward,
+            torch_fn=_sync_backward_torch,
+            bytes=_nbytes(*backward_inputs) + z.nbytes + decay.nbytes + 2 * alpha.nbytes,
+            flops=20 * batch * pairs,
+        ))
+    return cases
+
+
+def _sync_composition(z, left, right, decay, alpha, beta):
+    product = ops.gather(z, left, axis=1) * ops.gather(z, right, axis=1)
+    alpha_new = decay * alpha + product
+    beta_new = decay * beta + 1.0
+    return alpha_new, beta_new, alpha_new / ops.sqrt(beta_new)
+
+
+def _sync_backward_composition(z, left, right, decay, alpha, beta, grad_alpha, grad_beta, grad_sync):
+    z_left, z_right = ops.gather(z, left, axis=1), ops.gather(z, right, axis=1)
+    alpha_new = decay * alpha + z_left * z_right
+    beta_new = decay * beta + 1.0
+    root = ops.sqrt(beta_new)
+    total_alpha = grad_alpha + grad_sync / root
+    total_beta = grad_beta - grad_sync * (alpha_new / root) / (2.0 * beta_new)
+    d_decay = ops.squeeze(ops.sum(total_alpha * alpha + total_beta * beta, axis=0), 0)
+    shape = alpha.shape
+    left_index = ops.broadcast_to(ops.unsqueeze(left, 0), shape).cast(DType.int64)
+    right_index = ops.broadcast_to(ops.unsqueeze(right, 0), shape).cast(DType.int64)
+    d_z = ops.scatter_add(z * 0.0, total_alpha * z_right, left_index, axis=1)
+    d_z = ops.scatter_add(d_z, total_alpha * z_left, right_index, axis=1)
+    return d_z, d_decay, decay * total_alpha, decay * total_beta
+
+
+def _sync_torch(z, left, right, decay, alpha, beta):
+    left, right = left.long(), right.long()
+    alpha_new = decay * alpha + z[:, left] * z[:, right]
+    beta_new = decay * beta + 1
+    return alpha_new, beta_new, alpha_new / beta_new.sqrt()
+
+
+def _sync_backward_torch(z, left, right, decay, alpha, beta, grad_alpha, grad_beta, grad_sync):
+    left, right = left.long(), right.long()
+    z_left, z_right = z[:, left], z[:, right]
+    alpha_new = decay * alpha + z_left * z_right
+    beta_new = decay * beta + 1
+    root = beta_new.sqrt()
+    total_alpha = grad_alpha + grad_sync / root
+    total_beta = grad_beta - grad_sync * (alpha_new / root) / (2 * beta_new)
+    d_z = torch.zeros_like(z)
+    d_z.index_add_(1, left, total_alpha * z_right)
+    d_z.index_add_(1, right, total_alpha * z_left)
+    d_decay = (total_alpha * alpha + total_beta * beta).sum(0)
+    return d_z, d_decay, decay * total_alpha, decay * total_beta
+
+
+def nlm_cases(rng) -> list[Case]:
+    cases = []
+    for batch, neurons, memory, hidden in [(1, 512, 25, 32), (64, 512, 25, 32)]:
+        trace = _f32(rng, batch, neurons, memory)
+        weight = _f32(rng, neurons, memory, 2 * hidden) / np.float32(np.sqrt(memory))
+        bias = _f32(rng, neurons, 2 * hidden)
+        grad_output = _f32(rng, batch, neurons, hidden)
+        shape = dict(B=batch, D=neurons, M=memory, H=hidden)
+        types = [(DType.float32, ["B", "D", "M"]), (DType.float32, ["D", "M", "O"]),
+                 (DType.float32, ["D", "O"])]
+        macs = batch * neurons * memory * 2 * hidden
+        cases.append(Case(
+            "nlm_forward", shape, [trace, weight, bias], types,
+            ours=lambda *v: [kernels.nlm_forward(*v)],
+            composition=lambda *v: [_nlm_composition(*v)],
+            numpy_fn=reference.nlm_forward,
+            torch_fn=_nlm_torch,
+            bytes=_nbytes(trace, weight, bias) + grad_output.nbytes,
+            flops=2 * macs + 4 * batch * neurons * hidden,
+        ))
+        cases.append(Case(
+            "nlm_backward", shape, [trace, weight, bias, grad_output],
+            types + [(DType.float32, ["B", "D", "H"])],
+            ours=lambda *v: list(kernels.nlm_backward(*v)),
+            composition=lambda *v: list(_nlm_backward_composition(*v)),
+            numpy_fn=reference.nlm_backward,
+            torch_fn=_nlm_backward_torch,
+            bytes=2 * _nbytes(trace, weight, bias) + grad_output.nbytes,
+            flops=6 * macs,
+        ))
+    return cases
+
+
+def _nlm_pre(trace, weight, bias):
+    """Return the value and gate halves of the pre-activations, each (B, D, H)."""
+    by_neuron = ops.permute(trace, [1, 0, 2])  # (D, B, M)
+    pre = ops.permute(ops.matmul(by_neuron, weight), [1, 0, 2]) + bias  # (B, D, 2H)
+    batch, neurons, half = pre.shape[0], pre.shape[1], pre.shape[2] // 2
+    pre = ops.rebind(pre, [batch, neurons, 2 * half])  # asserts an even 2H for the reshape
+    halves = ops.reshape(pre, [batch, neurons, 2, half])
+    return halves[:, :, 0, :], halves[:, :, 1, :]
+
+
+def _nlm_composition(trace, weight, bias):
+    value, gate = _nlm_pre(trace, weight, bias)
+    return value * ops.sigmoid(gate)
+
+
+def _nlm_backward_composition(trace, weight, bias, grad_output):
+    value, gate = _nlm_pre(trace, weight, bias)
+    gate = ops.sigmoid(gate)
+    grad_output = ops.rebind(grad_output, value.shape)
+    d_pre = ops.stack([grad_output * gate, grad_output * value * gate * (1.0 - gate)], axis=2)
+    d_pre = ops.rebind(ops.reshape(d_pre, [d_pre.shape[0], d_pre.shape[1], -1]),
+                       [trace.shape[0], trace.shape[1], weight.shape[2]])  # (B, D, 2H)
+    d_pre_by_neuron = ops.permute(d_pre, [1, 0, 2])  # (D, B, 2H)
+    d_trace = ops.permute(ops.matmul(d_pre_by_neuron, ops.permute(weight, [0, 2, 1])), [1, 0, 2])
+    d_weight = ops.matmul(ops.permute(trace, [1, 2, 0]), d_pre_by_neuron)
+    d_bias = ops.squeeze(ops.sum(d_pre, axis=0), 0)
+    return d_trace, d_weight, d_bias
+
+
+def _nlm_torch(trace, weight, bias):
+    pre = torch.bmm(trace.transpose(0, 1), weight).transpose(0, 1) + bias
+    return torch.nn.functional.glu(pre, dim=-1)
+
+
+def _nlm_backward_torch(trace, weight, bias, grad_output):
+    pre = torch.bmm(trace.transpose(0, 1), weight).transpose(0, 1) + bias
+    value, gate = pre.chunk(2, dim=-1)
+    gate = torch.sigmoid(gate)
+    d_pre = torch.cat([grad_output * gate, grad_output * value * gate * (1 - gate)], dim=-1)
+    d_pre_by_neuron = d_pre.transpose(0, 1)
+    d_trace = torch.bmm(d_pre_by_neuron, weight.transpose(1, 2)).transpose(0, 1)
+    d_weight = torch.bmm(trace.permute(1, 2, 0), d_pre_by_neuron)
+    return d_trace, d_weight, d_pre.sum(0)
+
+
+def matvec_cases(rng) -> list[Case]:
+    cases = []
+    for batch, inner, columns in [(1, 4096, 4096), (8, 4096, 4096), (1, 896, 4864)]:
+        x = _f32(rng, batch, inner)
+        w = _f32(rng, inner, columns)
+        y_bytes = batch * columns * 4
+        cases.append(Case(
+            "matvec", dict(B=batch, K=inner, N=columns), [x, w],
+            [(DType.float32, ["B", "K"]), (DType.float32, ["K", "N"])],
+            ours=lambda x, w: [kernels.matvec(x, w)],
+            composition=lambda x, w: [ops.matmul(x, w)],
+            numpy_fn=reference.matvec,
+            torch_fn=lambda x, w: x @ w,
+            bytes=_nbytes(x, w) + y_bytes,
+            flops=2 * batch * inner * columns,
+        ))
+    # bfloat16 weights enter as their uint16 bit patterns, viewed as bfloat16 on the device.
+    # numpy has no bfloat16, so that column is left out.
+    batch, inner, columns = 1, 4096, 4096
+    x = _f32(rng, batch, inner)
+    w_bits = _bfloat16_bits(_f32(rng, inner, columns))
+    cases.append(Case(
+        "matvec_bf16_weights", dict(B=batch, K=inner, N=columns), [x, w_bits],
+        [(DType.float32, ["B", "K"]), (DType.bfloat16, ["K", "N"])],
+        ours=lambda x, w: [kernels.matvec(x, w)],
+        composition=lambda x, w: [ops.matmul(x, w.cast(DType.float32))],
+        numpy_fn=None,
+        torch_fn=_matvec_bf16_torch,
+        bytes=_nbytes(x, w_bits) + batch * columns * 4,
+        flops=2 * batch * inner * columns,
+    ))
+    return cases
+
+
+def _bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """Return the bfloat16 bit patterns (round to nearest even) of float32 values as uint16."""
+    bits = array.view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _matvec_bf16_torch(x, w_bits):
+    return (x.to(torch.bfloat16) @ w_bits.view(torch.bfloat16)).float()
+
+
+def adamw_cases(rng) -> list[Case]:
+    cases = []
+    settings = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=10)
+    for size in [1 << 16, 1 << 22]:
+        param, grad, m = (_f32(rng, size) for _ in range(3))
+        v = rng.uniform(0, 1, size).astype(np.float32)
+        hyper = adamw_hyper(**settings)
+        cases.append(Case(
+            "adamw_fused", dict(N=size), [param, grad, m, v, hyper],
+            [(DType.float32, ["N"])] * 4 + [(DType.float32, [8])],
+            ours=lambda *v: list(kernels.adamw_fused(*v)),
+            composition=lambda *v: list(_adamw_composition(*v)),
+            numpy_fn=lambda p, g, m, v, _h: reference.adamw_fused(p, g, m, v, **settings),
+            torch_fn=None if torch is None else _adamw_torch(size, settings),
+            bytes=7 * param.nbytes,
+            flops=18 * size,
+        ))
+    return cases
+
+
+def _adamw_composition(param, grad, m, v, hyper):
+    coefficient = [ops.squeeze(hyper[i : i + 1], 0) for i in range(8)]
+    clip, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, root_c2, eps = coefficient
+    g = grad * clip
+    m_new = m + one_minus_beta1 * (g - m)
+    v_new = v * beta2 + one_minus_beta2 * (g * g)
+    denom = ops.sqrt(v_new) / root_c2 + eps
+    return param * decay - step_size * (m_new / denom), m_new, v_new
+
+
+def _adamw_torch(size, settings):
+    """torch's fused CPU AdamW, updating its own state in place (like a training step)."""
+    param = torch.nn.Parameter(torch.randn(size))
+    param.grad = torch.randn(size)
+    optimizer = torch.optim.AdamW(
+        [param], lr=settings["lr"], betas=(settings["beta1"], settings["beta2"]),
+        eps=settings["eps"], weight_decay=settings["weight_decay"], fused=True,
+    )
+    return lambda *_: optimizer.step()
+
+
+def mha_cases(rng) -> list[Case]:
+    cases = []
+    for batch, keys, heads, head_dim in [(1, 1024, 14, 64), (8, 1024, 14, 64), (1, 4096, 8, 128)]:
+        q = _f32(rng, batch, heads, head_dim)
+        k = _f32(rng, batch, keys, heads, head_dim)
+        v = _f32(rng, batch, keys, heads, head_dim)
+        kv = (DType.float32, ["B", "n", "H", "dh"])
+        cases.append(Case(
+            "mha_single_query", dict(B=batch, n=keys, H=heads, dh=head_dim), [q, k, v],
+            [(DType.float32, ["B", "H", "dh"]), kv, kv],
+            ours=lambda q, k, v: [kernels.mha_single_query(q, k, v)],
+            composition=lambda q, k, v: [_mha_composition(q, k, v)],
+            numpy_fn=reference.mha_single_query,
+            torch_fn=_mha_torch,
+            bytes=_nbytes(q, k, v) + q.nbytes,
+            flops=4 * batch * heads * keys * head_dim,
+        ))
+    return cases
+
+
+def _mha_composition(q, k, v):
+    query = ops.unsqueeze(q, 2)  # (B, H, 1, dh)
+    keys = ops.permute(k, [0, 2, 3, 1])  # (B, H, dh, n)
+    values = ops.permute(v, [0, 2, 1, 3])  # (B, H, n, dh)
+    head_dim = ops.squeeze(ops.shape_to_tensor([q.shape[2]]), 0).cast(DType.float32).to(q.device)
+    scores = ops.matmul(query, keys) * ops.rsqrt(head_dim)
+    return ops.squeeze(ops.matmul(ops.softmax(scores), values), 2)
+
+
+def _mha_torch(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+    ).squeeze(2)
+
+
+CASES: dict[str, Callable[[np.random.Generator], list[Case]]] = {
+    "sync_update": sync_cases,
+    "nlm": nlm_cases,
+    "matvec": matvec_cases,
+    "adamw_fused": adamw_cases,
+    "mha_single_query": mha_cases,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+class Runner:
+    """Compiles each (kernel, implementation) graph once and times it on device buffers."""
+
+    def __init__(self, device_name: str):
+        self.device = Accelerator() if device_name == "gpu" else CPU()
+        self.device_ref = DeviceRef.GPU() if device_name == "gpu" else DeviceRef.CPU()
+        self.session = InferenceSession(devices=[self.device])
+        self.models: dict[tuple[str, str], object] = {}
+        self.compile_seconds: dict[tuple[str, str], float] = {}
+
+    def model(self, case: Case, label: str, build):
+        key = (case.kernel, label)
+        if key not in self.models:
+            types = [TensorType(dtype, shape, self.device_ref) for dtype, shape in case.input_types]
+            begin = time.perf_counter()
+            with Graph(f"{case.kernel}_{label}", input_types=types,
+                       custom_extensions=[kernels.kernel_library_path()]) as graph:
+                graph.output(*build(*[value.tensor for value in graph.inputs]))
+            self.models[key] = self.session.load(graph)
+            self.compile_seconds[key] = time.perf_counter() - begin
+        return self.models[key]
+
+    def time_graph(self, case: Case, label: str, build) -> tuple[float, float]:
+        model = self.model(case, label, build)
+        buffers = []
+        for array, (dtype, _shape) in zip(case.inputs, case.input_types):
+            buffer = Buffer.from_numpy(array)
+            if dtype == DType.bfloat16:
+                buffer = buffer.view(DType.bfloat16)
+            buffers.append(buffer.to(self.device))
+        sync = self.device.synchronize if isinstance(self.device, Accelerator) else (lambda: None)
+        return measure(lambda: model.execute(*buffers), sync)
+
+
+def bench_case(runner: Runner, case: Case, copy_gb_s: float) -> dict:
+    times = {
+        "mojo": runner.time_graph(case, "mojo", case.ours),
+        "max_ops": runner.time_graph(case, "max_ops", case.composition),
+    }
+    if case.numpy_fn is not None:
+        times["numpy"] = measure(lambda: case.numpy_fn(*case.inputs))
+    if torch is not None and case.torch_fn is not None:
+        tensors = [torch.from_numpy(array.view(np.int16) if array.dtype == np.uint16 else array)
+                   for array in case.inputs]
+        with torch.no_grad():
+            times["torch"] = measure(lambda: case.torch_fn(*tensors))
+    medians = {name: median for name, (median, _) in times.items()}
+    fastest = {name: best for name, (_, best) in times.items()}
+    gb_s = {name: case.bytes / seconds / 1e9 for name, seconds in fastest.items()}
+    return {
+        "kernel": case.kernel,
+        "shape": case.shape,
+        "device": "gpu" if isinstance(runner.device, Accelerator) else "cpu",
+        "time_us": {name: round(seconds * 1e6, 2) for name, seconds in medians.items()},
+        "min_time_us": {name: round(seconds * 1e6, 2) for name, seconds in fastest.items()},
+        "gb_s": {name: round(value, 3) for name, value in gb_s.items()},
+        "gflop_s": {name: round(case.flops / seconds / 1e9, 3) for name, seconds in fastest.items()},
+        "bandwidth_fraction": {name: round(value / copy_gb_s, 3) for name, value in gb_s.items()},
+        "bytes": case.bytes,
+        "flops": case.flops,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="where the MAX graphs run; numpy and torch always run on the CPU")
+    parser.add_argument("--kernels", nargs="+", choices=sorted(CASES), default=sorted(CASES),
+                        help="kernel families to run (default: all)")
+    parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    parser.add_argument("--quick", action="store_true",
+                        help="one shape per kernel (the first listed), for a time-limited check")
+    parser.add_argument("--skip-build-times", action="store_true",
+                        help="do not time the cold and warm kernel package builds")
+    args = parser.parse_args(argv)
+
+    out_file = args.out.open("a") if args.out else None
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    emit({"machine": {"cpus": os.cpu_count(), "torch_threads": torch_threads,
+                      "numpy": np.__version__, "torch": getattr(torch, "__version__", None)}}, out_file)
+    if not args.skip_build_times:
+        emit({"kernel_build_seconds": build_times()}, out_file)
+    copy_gb_s = copy_bandwidth_gb_s()
+    read = read_gb_s()
+    emit({"copy_gb_s": round(copy_gb_s, 3), "read_gb_s": None if read is None else round(read, 3),
+          "matmul_gflop_s": round(matmul_gflop_s(), 3)}, out_file)
+
+    runner = Runner(args.device)
+    rng = np.random.default_rng(0)
+    for family in args.kernels:
+        seen = set()
+        for case in CASES[family](rng):
+            if args.quick and case.kernel in seen:
+                continue
+            seen.add(case.kernel)
+            emit(bench_case(runner, case, copy_gb_s), out_file)
+    emit({"graph_compile_seconds": {f"{kernel}/{label}": round(seconds, 2)
+                                    for (kernel, label), seconds in runner.compile_seconds.items()}},
+         out_file)
+    if out_file is not None:
+        out_file.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Pairwise synchronisation update of a CTM and its gradient.
+
+Forward, for every batch row b and pair i with neurons l = left[i], r = right[i]:
+
+    alpha'[b, i] = decay[i] * alpha[b, i] + z[b, l] * z[b, r]
+    beta'[b, i]  = decay[i] * beta[b, i] + 1
+    sync[b, i]   = alpha'[b, i] / sqrt(beta'[b, i])
+
+The pair indices are device data. On the CPU they are checked before the
+launch; on a GPU they are clamped into [0, D) so that a bad index reads a
+wrong neuron instead of faulting.
+"""
+
+from extensibility import (
+    InputTensor,
+    OutputTensor,
+    get_kernel_simd_width,
+    register,
+)
+from layout import Coord
+from max.algorithm.functional import elementwise
+from max.gpu.host import DeviceContext
+from std.math import sqrt
+
+from .checks import check_dense, check_dim
+
+
+@always_inline
+def _pair_index(indices: Pointer[Int32, _], i: Int, size: Int) -> Int:
+    return min(max(Int(indices[unsafe_offset=i]), 0), size - 1)
+
+
+def _check_pairs[
+    target: StaticString
+](
+    op: StaticString,
+    left: InputTensor[dtype = DType.int32, rank=1, static_spec=_],
+    right: InputTensor[dtype = DType.int32, rank=1, static_spec=_],
+    size: Int,
+) raises:
+    comptime if target == "cpu":
+        var lp = left.unsafe_ptr()
+        var rp = right.unsafe_ptr()
+        for i in range(left.dim_size(0)):
+            var l = Int(lp[unsafe_offset=i])
+            var r = Int(rp[unsafe_offset=i])
+            if l < 0 or l >= size or r < 0 or r >= size:
+                raise Error(
+                    op, ": pair ", i, " = (", l, ", ", r,
+                    ") is out of range for ", size, " neurons",
+                )
+
+
+@register("sync_update")
+struct SyncUpdate:
+    @staticmethod
+    def execute[
+        target: StaticString
+    ](
+        alpha_out: OutputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        beta_out: OutputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        sync_out: OutputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        z: InputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        left: InputTensor[dtype = DType.int32, rank=1, static_spec=_],
+        right: InputTensor[dtype = DType.int32, rank=1, static_spec=_],
+        decay: InputTensor[dtype = DType.float32, rank=1, static_spec=_],
+        alpha: InputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        beta: InputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        ctx: DeviceContext,
+    ) raises:
+        comptime op = "sync_update"
+        var batch = z.dim_size(0)
+        var neurons = z.dim_size(1)
+        var pairs = left.dim_size(0)
+        check_dim(op, "right", right, 0, pairs)
+        check_dim(op, "decay", decay, 0, pairs)
+        check_dim(op, "alpha", alpha, 0, batch)
+        check_dim(op, "alpha", alpha, 1, pairs)
+        check_dim(op, "beta", beta, 0, batch)
+        check_dim(op, "beta", beta, 1, pairs)
+        check_dense(op, "z", z)
+        check_dense(op, "alpha", alpha)
+        check_dense(op, "beta", beta)
+        check_dense(op, "alpha_out", alpha_out)
+        check_dense(op, "beta_out", beta_out)
+        check_dense(op, "sync_out", sync_out)
+        if batch == 0 or pairs == 0:
+            return
+        if neurons == 0:
+            raise Error(op, ": z has no neurons but there are ", pairs, " pairs")
+        _check_pairs[target](op, left, right, neurons)
+
+        var zp = z.unsafe_ptr()
+        var lp = left.unsafe_ptr()
+        var rp = right.unsafe_ptr()
+        var dp = decay.unsafe_ptr()
+        var ap = alpha.unsafe_ptr()
+        var bp = beta.unsafe_ptr()
+        var ao = alpha_out.unsafe_ptr()
+        var bo = beta_out.unsafe_ptr()
+        var so = sync_out.unsafe_ptr()
+
+        def update[
+            width: Int, alignment: Int = 1
+        ](idx: Coord[...]) {
+            var zp, var lp, var rp, var dp, var ap, var bp, var ao, var bo,
+            var so, var neurons, var pairs,
+        }:
+            var b = Int(idx[0].value())
+            var i = Int(idx[1].value())
+            var row = b * pairs + i
+            var product = SIMD[DType.float32, width]()
+            comptime for lane in range(width):
+                var l = _pair_index(lp, i + lane, neurons)
+                var r = _pair_index(rp, i + lane, neurons)
+                product[lane] = (
+                    zp[unsafe_offset=b * neurons + l]
+                    * zp[unsafe_offset=b * neurons + r]
+                )
+            var d = dp.unsafe_load[width=width](i)
+            var a_new = d * ap.unsafe_load[width=width](row) + product
+            var b_new = d * bp.unsafe_load[width=width](row) + 1
+            ao.unsafe_store(row, a_new)
+            bo.unsafe_store(row, b_new)
+            so.unsafe_store(row, a_new / sqrt(b_new))
+
+        comptime width = get_kernel_simd_width[DType.float32, target]()
+        elementwise[simd_width=width, target=target](
+            update, Coord(batch, pairs), ctx
+        )
+
+
+@register("sync_update_backward")
+struct SyncUpdateBackward:
+    """Gradient of `sync_update` given the gradients of its three outputs.
+
+    With A = grad_alpha + grad_sync / sqrt(beta') and
+    G = grad_beta - grad_sync * sync / (2 beta'), the total gradients on
+    alpha' and beta':
+
+        d_alpha = decay * A,  d_beta = decay * G
+        d_decay[i] = sum_b A[b, i] * alpha[b, i] + G[b, i] * beta[b, i]
+        d_z[b, l] += A[b, i] * z[b, r],  d_z[b, r] += A[b, i] * z[b, l]
+
+    d_z is accumulated by one work item per batch row, pairs in order, so the
+    result is deterministic. NOTE: on a GPU that gives only `B` threads; an
+    atomic scatter would be faster there.
+    """
+
+    @staticmethod
+    def execute[
+        target: StaticString
+    ](
+        d_z: OutputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        d_decay: OutputTensor[dtype = DType.float32, rank=1, static_spec=_],
+        d_alpha: OutputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        d_beta: OutputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        z: InputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        left: InputTensor[dtype = DType.int32, rank=1, static_spec=_],
+        right: InputTensor[dtype = DType.int32, rank=1, static_spec=_],
+        decay: InputTensor[dtype = DType.float32, rank=1, static_spec=_],
+        alpha: InputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        beta: InputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        grad_alpha: InputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        grad_beta: InputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        grad_sync: InputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        ctx: DeviceContext,
+    ) raises:
+        comptime op = "sync_update_backward"
+        var batch = z.dim_size(0)
+        var neurons = z.dim_size(1)
+        var pairs = left.dim_size(0)
+        check_dim(op, "right", right, 0, pairs)
+        check_dim(op, "decay", decay, 0, pairs)
+        check_dim(op, "alpha", alpha, 0, batch)
+        check_dim(op, "alpha", alpha, 1, pairs)
+        check_dim(op, "beta", beta, 0, batch)
+        check_dim(op, "beta", beta, 1, pairs)
+        check_dim(op, "grad_alpha", grad_alpha, 0, batch)
+        check_dim(op, "grad_alpha", grad_alpha, 1, pairs)
+        check_dim(op, "grad_beta", grad_beta, 0, batch)
+        check_dim(op, "grad_beta", grad_beta, 1, pairs)
+        check_dim(op, "grad_sync", grad_sync, 0, batch)
+        check_dim(op, "grad_sync", grad_sync, 1, pairs)
+        check_dense(op, "z", z)
+        check_dense(op, "alpha", alpha)
+        check_dense(op, "beta", beta)
+        check_dense(op, "grad_alpha", grad_alpha)
+        check_dense(op, "grad_beta", grad_beta)
+        check_dense(op, "grad_sync", grad_sync)
+        check_dense(op, "d_z", d_z)
+        check_dense(op, "d_alpha", d_alpha)
+        check_dense(op, "d_beta", d_beta)
+        if pairs > 0 and batch > 0 and neurons == 0:
+            raise Error(op, ": z has no neurons but there are ", pairs, " pairs")
+        _check_pairs[target](op, left, right, neurons)
+
+        var zp = z.unsafe_ptr()
+        var lp = left.unsafe_ptr()
+        var rp = right.unsafe_ptr()
+        var dp = decay.unsafe_ptr()
+        var ap = alpha.unsafe_ptr()
+        var bp = beta.unsafe_ptr()
+        var gap = grad_alpha.unsafe_ptr()
+        var gbp = grad_beta.unsafe_ptr()
+        var gsp = grad_sync.unsafe_ptr()
+        var dzp = d_z.unsafe_ptr()
+        var ddp = d_decay.unsafe_ptr()
+        var dap = d_alpha.unsafe_ptr()
+        var dbp = d_beta.unsafe_ptr()
+        comptime width = get_kernel_simd_width[DType.float32, target]()
+
+        def state_grads[
+            width: Int, alignment: Int = 1
+        ](idx: Coord[...]) {
+            var zp, var lp, var rp, var dp, var ap, var bp, var gap, var gbp,
+            var gsp, var dap, var dbp, var neurons, var pairs,
+        }:
+            var b = Int(idx[0].value())
+            var i = Int(idx[1].value())
+            var row = b * pairs + i
+            var total = _total_grads[width](
+                zp, lp, rp, dp, ap, bp, gap, gbp, gsp, neurons, pairs, b, i
+            )
+            var d = dp.unsafe_load[width=width](i)
+            dap.unsafe_store(row, d * total[0])
+            dbp.unsafe_store(row, d * total[1])
+
+        def decay_grads[
+            width: Int, alignment: Int = 1
+        ](idx: Coord[...]) {
+            var zp, var lp, var rp, var dp, var ap, var bp, var gap, var gbp,
+            var gsp, var ddp, var neurons, var pairs, var batch,
+        }:
+            var i = Int(idx[0].value())
+            var acc = SIMD[DType.float32, width](0)
+            for b in range(batch):
+                var row = b * pairs + i
+                var total = _total_grads[width](
+                    zp, lp, rp, dp, ap, bp, gap, gbp, gsp, neurons, pairs, b, i
+                )
+                acc += total[0] * ap.unsafe_load[width=width](row)
+                acc += total[1] * bp.unsafe_load[width=width](row)
+            ddp.unsafe_store(i, acc)
+
+        def neuron_grads[
+            width: Int, alignment: Int = 1
+        ](idx: Coord[...]) {
+            var zp, var lp, var rp, var dp, var ap, var bp, var gap, var gbp,
+            var gsp, var dzp, var neurons, var pairs,
+        }:
+            var b = Int(idx[0].value())
+            var z_row = b * neurons
+            for j in range(neurons):
+                dzp[unsafe_offset=z_row + j] = 0
+            for i in range(pairs):
+                var row = b * pairs + i
+                var d_product = _alpha_grad[1](
+                    dp[unsafe_offset=i],
+                    bp[unsafe_offset=row],
+                    gap[unsafe_offset=row],
+                    gsp[unsafe_offset=row],
+                )
+                var l = _pair_index(lp, i, neurons)
+                var r = _pair_index(rp, i, neurons)
+                var zl = zp[unsafe_offset=z_row + l]
+                var zr = zp[unsafe_offset=z_row + r]
+                dzp[unsafe_offset=z_row + l] += d_product * zr
+                dzp[unsafe_offset=z_row + r] += d_product * zl
+
+        if batch > 0 and pairs > 0:
+            elementwise[simd_width=width, target=target](
+                state_grads, Coord(batch, pairs), ctx
+            )
+        if pairs > 0:
+            elementwise[simd_width=width, target=target](
+                decay_grads, Coord(pairs), ctx
+            )
+        if batch > 0 and neurons > 0:
+            elementwise[simd_width=1, target=target](
+                neuron_grads, Coord(batch), ctx
+            )
+
+
+@always_inline
+def _alpha_grad[
+    width: Int
+](
+    decay: SIMD[DType.float32, width],
+    beta: SIMD[DType.float32, width],
+    grad_alpha: SIMD[DType.float32, width],
+    grad_sync: SIMD[DType.float32, width],
+) -> SIMD[DType.float32, width]:
+    """Return the total gradient on alpha', which is also the gradient on z_l * z_r.
+    """
+    var b_new = decay * beta + 1
+    return grad_alpha + grad_sync / sqrt(b_new)
+
+
+@always_inline
+def _total_grads[
+    width: Int
+](
+    zp: Pointer[Float32, _],
+    lp: Pointer[Int32, _],
+    rp: Pointer[Int32, _],
+    dp: Pointer[Float32, _],
+    ap: Pointer[Float32, _],
+    bp: Pointer[Float32, _],
+    gap: Pointer[Float32, _],
+    gbp: Pointer[Float32, _],
+    gsp: Pointer[Float32, _],
+    neurons: Int,
+    pairs: Int,
+    b: Int,
+    i: Int,
+) -> Tuple[SIMD[DType.float32, width], SIMD[DType.float32, width]]:
+    """Return the total gradients on alpha' and beta' for `width` pairs from i.
+    """
+    var row = b * pairs + i
+    var product = SIMD[DType.float32, width]()
+    comptime for lane in range(width):
+        var l = _pair_index(lp, i + lane, neurons)
+        var r = _pair_index(rp, i + lane, neurons)
+        product[lane] = (
+            zp[unsafe_offset=b * neurons + l] * zp[unsafe_offset=b * neurons + r]
+        )
+    var d = dp.unsafe_load[width=width](i)
+    var a_new = d * ap.unsafe_load[width=width](row) + product
+    var b_new = d * bp.unsafe_load[width=width](row) + 1
+    var root = sqrt(b_new)
+    var grad_sync = gsp.unsafe_load[width=width](row)
+    var sync = a_new / root
+    var total_alpha = gap.unsafe_load[width=width](row) + grad_sync / root
+    var total_beta = gbp.unsafe_load[width=width](row) - grad_sync * sync / (
+        2 * b_new
+    )
+    return (total_alpha, total_beta)

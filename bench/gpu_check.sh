@@ -59,7 +59,7 @@ if junit.is_file():
 print(json.dumps(summary))
 PY
 
-timeout "$BENCH_SECONDS" "$PYTHON" bench/kernels.py --device gpu --quick \
+timeout "$BENCH_SECONDS" "$PYTHON" bench/kernel_ops.py --device gpu --quick \
     --out "$OUT_DIR/kernel_bench.jsonl" >"$OUT_DIR/kernel_bench.log" 2>&1
 bench_status=$?
 cat "$OUT_DIR/kernel_bench.jsonl" 2>/dev/null

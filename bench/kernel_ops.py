@@ -13,9 +13,9 @@ compulsory bytes: every input read once, every output written once. GB/s, GFLOP/
 fraction of the copy bandwidth and the machine figures all come from the fastest runs,
 because on a machine shared with other work the fastest run is the better estimate.
 
-    python bench/kernels.py                      # all kernels on the CPU
-    python bench/kernels.py --kernels sync_update matvec --out results.jsonl
-    python bench/kernels.py --device gpu --quick # MAX graphs on the first accelerator
+    python bench/kernel_ops.py                      # all kernels on the CPU
+    python bench/kernel_ops.py --kernels sync_update matvec --out results.jsonl
+    python bench/kernel_ops.py --device gpu --quick # MAX graphs on the first accelerator
 
 Each kernel compiles two MAX graphs (ours and the composition) with symbolic dimensions. On a
 cold MAX cache that costs 15-60 s per graph on a 2-core CPU.

@@ -1,0 +1,138 @@
+"""Qwen2 building blocks written with modgrad ops: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Every function runs eagerly on numpy arrays or records into a compiled program. Activations are
+(B, T, ...), where B and T may be symbolic. A layer's key/value cache is stored sequence-first,
+(L, B, n_kv, head_dim), so the first L rows of a host buffer are one contiguous array.
+
+A layer's weights use the (in, out) layout, y = x @ W, with q/k/v fused into one matrix and gate/up
+into another (the loader builds both from the checkpoint's separate [out, in] tensors):
+
+    ln1 (D,)  qkv_w (D, Q + 2K)  qkv_b (Q + 2K,)  o_w (Q, D)  ln2 (D,)  gate_up_w (D, 2I)  down_w (I, D)
+
+with Q = n_heads * head_dim and K = n_kv * head_dim.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from modgrad import ops
+from modgrad.transformer.config import Qwen2Config
+
+# Finite stand-in for -inf in the causal mask: exp(x - max) underflows to exactly 0.
+MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+def rms_norm(x, weight, eps: float):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis."""
+    return ops.rms_norm(x, weight, eps)
+
+
+def inverse_frequencies(cfg: Qwen2Config) -> np.ndarray:
+    """theta^(-2i/head_dim) for i < head_dim/2, rounded to float32 as transformers does."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.float32) / np.float32(cfg.head_dim)
+    return (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)  # (head_dim/2,)
+
+
+def rotary_tables(positions, cfg: Qwen2Config):
+    """cos and sin of position * frequency, each (T, head_dim); positions is (T,) int64."""
+    angles = ops.expand_dims(ops.cast(positions, np.float32), -1) * inverse_frequencies(cfg)  # (T, hd/2)
+    angles = ops.concat([angles, angles], axis=-1)  # (T, hd)
+    return ops.cos(angles), ops.sin(angles)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate (x_i, x_{i+hd/2}) pairs by the position angle (rotate-half convention); x is (B, T, n, hd)."""
+    half = ops.shape_of(x)[-1] // 2
+    x1 = x[..., :half]
+    x2 = x[..., half:]
+    rotated = ops.concat([-x2, x1], axis=-1)
+    cos = ops.expand_dims(cos, 1)  # (T, 1, hd)
+    sin = ops.expand_dims(sin, 1)
+    return x * cos + rotated * sin
+
+
+def project_qkv(layer: dict, x, cos, sin, cfg: Qwen2Config):
+    """Project and rotate: q (B, T, n_heads, hd), k and v (B, T, n_kv, hd)."""
+    b, t = ops.shape_of(x)[:2]
+    qkv = x @ layer["qkv_w"] + layer["qkv_b"]  # (B, T, Q + 2K)
+    q = ops.reshape(qkv[..., : cfg.q_size], (b, t, cfg.num_attention_heads, cfg.head_dim))
+    k = ops.reshape(qkv[..., cfg.q_size : cfg.q_size + cfg.kv_size], (b, t, cfg.num_key_value_heads, cfg.head_dim))
+    v = ops.reshape(qkv[..., cfg.q_size + cfg.kv_size :], (b, t, cfg.num_key_value_heads, cfg.head_dim))
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def repeat_kv(x, cfg: Qwen2Config):
+    """(B, n_kv, S, hd) -> (B, n_heads, S, hd): query head h reads key/value head h // group_size."""
+    b, n_kv, s, hd = ops.shape_of(x)
+    x = ops.broadcast_to(ops.expand_dims(x, 2), (b, n_kv, cfg.group_size, s, hd))
+    return ops.reshape(x, (b, cfg.num_attention_heads, s, hd))
+
+
+def causal_attention(q, k, v, positions, cfg: Qwen2Config):
+    """Softmax(q k^T / sqrt(hd)) v over the same T tokens with a causal mask; returns (B, T, Q)."""
+    b, t = ops.shape_of(q)[:2]
+    hd = cfg.head_dim
+    # NOTE: repeating k and v per query head copies them group_size times. Grouping the query heads
+    # under their kv head instead needs a rank-5 batched matmul, which MAX 26.7 rejects (max rank 4).
+    q = ops.transpose(q, (0, 2, 1, 3))  # (B, H, T, hd)
+    k_t = repeat_kv(ops.transpose(k, (0, 2, 3, 1)), cfg)  # (B, H, hd, T)
+    v = repeat_kv(ops.transpose(v, (0, 2, 1, 3)), cfg)  # (B, H, T, hd)
+
+    scores = (q @ k_t) * hd**-0.5  # (B, H, T, T)
+    visible = ops.expand_dims(positions, -1) >= ops.expand_dims(positions, 0)  # (T, T) query >= key
+    scores = ops.where(visible, scores, MASK_VALUE)
+    out = ops.softmax(scores, axis=-1) @ v  # (B, H, T, hd)
+    return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, t, cfg.q_size))
+
+
+def cached_attention(q, k, v, past_k, past_v, cfg: Qwen2Config):
+    """Attention of one new token to the L cached tokens and itself; returns (B, 1, Q).
+
+    q is (B, 1, n_heads, hd), k and v (B, 1, n_kv, hd), past_k and past_v (L, B, n_kv, hd). The
+    softmax is taken over the two blocks (past, new) separately and merged, so the cache is never
+    concatenated inside the program.
+    """
+    b = ops.shape_of(q)[0]
+    n_kv, group, hd = cfg.num_key_value_heads, cfg.group_size, cfg.head_dim
+    scale = hd**-0.5
+    q = ops.reshape(q, (b, n_kv, group, hd))  # (B, n_kv, G, hd)
+    k_new = ops.reshape(k, (b, n_kv, hd, 1))
+    v_new = ops.reshape(v, (b, n_kv, 1, hd))
+    # NOTE: these transposes copy the layer's cache on every step, O(L) per token. That is small next
+    # to the weights when n_kv is small (Qwen2.5-0.5B: k and v take 1 KiB per token and layer at batch 1).
+    k_past = ops.transpose(past_k, (1, 2, 3, 0))  # (B, n_kv, hd, L)
+    v_past = ops.transpose(past_v, (1, 2, 0, 3))  # (B, n_kv, L, hd)
+
+    s_past = (q @ k_past) * scale  # (B, n_kv, G, L)
+    s_new = (q @ k_new) * scale  # (B, n_kv, G, 1)
+    m = ops.stop_gradient(ops.maximum(ops.max(s_past, -1, keepdims=True), s_new))
+    e_past = ops.exp(s_past - m)
+    e_new = ops.exp(s_new - m)
+    denom = ops.sum(e_past, -1, keepdims=True) + e_new  # (B, n_kv, G, 1)
+    out = (e_past @ v_past + e_new * v_new) / denom  # (B, n_kv, G, hd)
+    return ops.reshape(out, (b, 1, cfg.q_size))
+
+
+def swiglu_mlp(layer: dict, x, cfg: Qwen2Config):
+    """down(silu(gate(x)) * up(x)); gate and up are one fused (D, 2I) matmul."""
+    gate_up = x @ layer["gate_up_w"]  # (B, T, 2I)
+    gate = gate_up[..., : cfg.intermediate_size]
+    up = gate_up[..., cfg.intermediate_size :]
+    return (ops.silu(gate) * up) @ layer["down_w"]  # (B, T, D)
+
+
+def decoder_layer(layer: dict, h, cos, sin, positions, cfg: Qwen2Config):
+    """One pre-norm block over T tokens; returns h and the layer's k, v as (T, B, n_kv, hd) cache rows."""
+    q, k, v = project_qkv(layer, rms_norm(h, layer["ln1"], cfg.rms_norm_eps), cos, sin, cfg)
+    h = h + causal_attention(q, k, v, positions, cfg) @ layer["o_w"]
+    h = h + swiglu_mlp(layer, rms_norm(h, layer["ln2"], cfg.rms_norm_eps), cfg)
+    return h, ops.transpose(k, (1, 0, 2, 3)), ops.transpose(v, (1, 0, 2, 3))
+
+
+def decoder_layer_cached(layer: dict, h, cos, sin, past_k, past_v, cfg: Qwen2Config):
+    """One block for a single new token (B, 1, D) against the cache; returns h and the new (1, B, n_kv, hd) k, v."""
+    q, k, v = project_qkv(layer, rms_norm(h, layer["ln1"], cfg.rms_norm_eps), cos, sin, cfg)
+    h = h + cached_attention(q, k, v, past_k, past_v, cfg) @ layer["o_w"]
+    h = h + swiglu_mlp(layer, rms_norm(h, layer["ln2"], cfg.rms_norm_eps), cfg)
+    return h, ops.transpose(k, (1, 0, 2, 3)), ops.transpose(v, (1, 0, 2, 3))

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run.opt.safetensors (optimizer state) and run.loss.png (loss curve).",
     )
     train.add_argument("out", metavar="OUT.safetensors", help="checkpoint path to write")
-    train.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file to train on")
+    train.add_argument("--data", default=None, metavar="FILE",
+                       help="UTF-8 text file to train on (default: the bundled tinyshakespeare corpus)")
     # Defaults are None so that --resume can tell which settings were given explicitly.
     train.add_argument("--preset", choices=PRESET_NAMES, default=None, metavar="NAME",
                        help=f"brain architecture: {', '.join(PRESET_NAMES)} (default eight_region_small)")
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run saved at OUT up to --steps")
     train.add_argument("--overwrite", action="store_true", help="start a new run even if OUT exists")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--sample", type=int, default=200, metavar="N",
+                       help="bytes to generate from the prompt 'ROMEO:' after training, 0 = none (default 200)")
 
     generate = sub.add_parser(
         "generate",
@@ -142,18 +145,19 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     exists = any(p.exists() for name, p in checkpoint_paths(out).items() if name != "plot")
     if args.resume:
-        trainer = Trainer.resume(out, progress=not args.no_progress, data=args.data, **given)
+        data = {"data": args.data} if args.data is not None else {}  # default: the corpus stored in the checkpoint
+        trainer = Trainer.resume(out, progress=not args.no_progress, **data, **given)
     else:
         if exists and not args.overwrite:
             raise UsageError(f"{out} (or its .json/.opt.safetensors) already exists; pass --resume to continue it "
                              f"or --overwrite to start a new run")
-        trainer = Trainer(TrainConfig(data=args.data, **given), out, progress=not args.no_progress)
+        trainer = Trainer(TrainConfig(data=args.data or _default_corpus(), **given), out, progress=not args.no_progress)
 
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
         print(f"isis: interrupted at step {trainer.step}; checkpoint saved to {out}. "
-              f"Continue with: isis train {out} --data {args.data} --resume", file=sys.stderr)
+              f"Continue with: isis train {out} --resume", file=sys.stderr)
         return 130
     held, bigram = summary["held_out"], summary["bigram"]
     print(f"steps: {summary['steps']}")
@@ -161,6 +165,14 @@ def cmd_train(args) -> int:
     print(f"bigram baseline: {bigram:.4f} nats/byte ({bigram / math.log(2):.4f} bits/byte)")
     print(f"throughput: {summary['tokens_per_second']:.0f} bytes/s over {summary['train_seconds']:.1f} s")
     print(f"checkpoint: {out}")
+    if args.sample > 0:
+        from modgrad.graph import NeuralComputer
+
+        computer = NeuralComputer(trainer.params, trainer.buffers, trainer.brain, seed=0)
+        prompt = list(b"ROMEO:")
+        sampled = computer.generate(prompt, args.sample, 0.8)
+        print("sample (temperature 0.8):")
+        print(bytes(t for t in prompt + sampled if t < 256).decode("utf-8", errors="replace"))
     return 0
 
 
@@ -296,6 +308,12 @@ def cmd_devices(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "nc": cmd_nc, "devices": cmd_devices}
+
+
+def _default_corpus() -> str:
+    from modgrad.corpus import TINYSHAKESPEARE
+
+    return str(TINYSHAKESPEARE)
 
 
 def main(argv: list[str] | None = None) -> int:

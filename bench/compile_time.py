@@ -1,7 +1,7 @@
 """Cold and warm compile time of a recurrent program (mg.scan) at several step counts.
 
-The program is the loss and gradient of a recurrent cell with decaying accumulators, unrolled
-over T steps by ``mg.scan``; T is a static shape, so every step count is a different program.
+The program is the loss and gradient of a recurrent cell with decaying accumulators, looped
+over T steps by ``mg.scan``. T is a static shape, so every step count is a different program.
 Each measurement runs in its own Python process:
 
 - cold: fresh, empty MODGRAD_CACHE_DIR and MODULAR_CACHE_DIR, so every MAX graph compiles;
@@ -11,6 +11,8 @@ Output: one JSON line for the machine, then one line per (steps, cache) with the
   first_call_s     wall seconds of the first call (trace, compile or load every graph, run once)
   run_s            wall seconds of the second call (execution only)
   compile_s        first_call_s - run_s, the cost of preparing the program
+  first_call_cpu_s CPU seconds (user + system, all threads) of the first call, which is steadier
+                   than wall time on a shared machine
   graphs_compiled  MAX graphs compiled in the child
   mef_loads        compiled graphs loaded from the MODGRAD_CACHE_DIR disk cache
   process_s        wall seconds of the whole child process, imports included
@@ -36,6 +38,8 @@ add_repo_to_path()
 
 def child(steps: int, hidden: int, batch: int) -> dict:
     """Build and call the program once per cache state; return the timings (runs in the child)."""
+    import resource
+
     import numpy as np
 
     import modgrad as mg
@@ -69,10 +73,15 @@ def child(steps: int, hidden: int, batch: int) -> dict:
         onehot = ops.one_hot(targets, classes, dtype=np.float32)
         return -ops.mean(ops.sum(ops.log_softmax(logits) * onehot, axis=-1))
 
+    def cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
     step = mg.compile(mg.value_and_grad(loss_fn), device="cpu")
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), cpu_seconds()
     step(params, xs, targets)
     first = time.perf_counter() - start
+    first_cpu = cpu_seconds() - start_cpu
     start = time.perf_counter()
     step(params, xs, targets)
     run = time.perf_counter() - start
@@ -80,6 +89,7 @@ def child(steps: int, hidden: int, batch: int) -> dict:
         "first_call_s": round(first, 3),
         "run_s": round(run, 4),
         "compile_s": round(first - run, 3),
+        "first_call_cpu_s": round(first_cpu, 2),
         "graphs_compiled": engine_compile.STATS["compiles"],
         "mef_loads": engine_compile.STATS["mef_loads"],
     }

@@ -2,6 +2,8 @@
 
 Implementations, one JSON line each:
   modgrad-cpu     mg.compile(..., device="cpu"): MAX graphs, inputs and outputs as numpy arrays
+  max-execute     (trivial only) the compiled MAX model called directly, without the engine's
+                  argument flattening and result conversion
   modgrad-numpy   mg.compile(..., device="numpy"): the recorded program run by the numpy evaluator
   modgrad-eager   the same function called on numpy arrays (traces and backpropagates every call)
   numpy           hand-written numpy forward and backward
@@ -69,7 +71,7 @@ def torch_mlp(p, x, labels):
     h = torch.tanh(x @ p["w1"] + p["b1"])
     loss = torch.nn.functional.cross_entropy(h @ p["w2"] + p["b2"], labels)
     grads = torch.autograd.grad(loss, list(p.values()))
-    return loss, dict(zip(p, grads))
+    return loss.detach(), dict(zip(p, grads))
 
 
 def timed_first_call(fn) -> tuple[object, float]:
@@ -94,6 +96,14 @@ def bench_trivial(seconds: float) -> None:
         assert float(np.asarray(out)[0]) == 2.0, f"{impl} computed {out}"
         emit({"bench": "trivial", "impl": impl, "first_call_s": round(first, 3),
               **time_per_call(lambda: fn(x), seconds)})
+
+    # The single compiled graph of modgrad-cpu, called the way MAX's own API is used.
+    plan = next(iter(cases["modgrad-cpu"]._plans.values()))[0]
+    model = plan.steps[0].model
+    out = model.execute(x)[0].to_numpy()
+    assert float(out[0]) == 2.0, f"max-execute computed {out}"
+    emit({"bench": "trivial", "impl": "max-execute", "first_call_s": 0.0,
+          **time_per_call(lambda: model.execute(x)[0].to_numpy(), seconds)})
 
 
 def bench_mlp(batches: list[int], sizes: tuple[int, int, int], seconds: float) -> None:

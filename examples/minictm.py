@@ -17,13 +17,13 @@ import numpy as np
 
 import modgrad as mg
 from modgrad import ops
-from modgrad.checkpoint import Checkpoint, save_checkpoint
+from modgrad.checkpoint import Checkpoint, load_brain, save_checkpoint
 from modgrad.ctm import count_params
 from modgrad.data import Corpus, WindowSampler, bigram_baseline, held_out_windows
 from modgrad.graph import NeuralComputer, brain_forward_tokens, init_brain
 from modgrad.losses import LastTickCE, cross_entropy
 from modgrad.optim import AdamW, clip_by_global_norm, linear_warmup_cosine
-from modgrad.train import PRESET_NAMES, build_brain, load_brain
+from modgrad.train import PRESET_NAMES, build_brain
 
 parser = argparse.ArgumentParser(description="Train a small CTM brain on bytes of text and chat with it.")
 parser.add_argument("--data", help="UTF-8 text file to train on (the last 10%% is held out)")

@@ -199,7 +199,7 @@ def ncstate_path(path: str | Path) -> Path:
 
 def _open_computer(args):
     from modgrad.graph import NeuralComputer
-    from modgrad.train import load_brain
+    from modgrad.checkpoint import load_brain
 
     params, buffers, brain, _ = load_brain(args.checkpoint)
     return NeuralComputer(params, buffers, brain, seed=args.seed, device=args.device)

@@ -28,7 +28,6 @@ from modgrad import ops
 from modgrad.checkpoint import (
     Checkpoint,
     CheckpointError,
-    load_brain,
     load_checkpoint,
     restore_opt_state,
     restore_weights,
@@ -445,7 +444,6 @@ __all__ = [
     "Trainer",
     "build_brain",
     "learning_rate",
-    "load_brain",
     "plot_losses",
     "single_ctm",
 ]

@@ -8,11 +8,5 @@ import pytest
 
 @pytest.fixture
 def rng() -> np.random.Generator:
-    """A fresh generator with a fixed seed, so every test sees the same data on every run."""
+    """A fresh generator with a fixed seed, so every test gets the same data on every run."""
     return np.random.default_rng(20250505)
-
-
-@pytest.fixture(scope="module")
-def module_rng() -> np.random.Generator:
-    """One seeded generator for the data of module-scoped fixtures."""
-    return np.random.default_rng(5052025)

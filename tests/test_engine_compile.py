@@ -3,18 +3,21 @@
 Two programs apply the primitives and return their outputs together with the gradient of
 sum_k sum(sin(out_k)) with respect to every input:
 
-- COMPACT (default run) chains every primitive that has a MAX lowering into 16 outputs with
-  8 inputs, which keeps its cold compile near a minute on a 2-core CPU;
-- ISOLATED (``-m slow``, about 5 CPU-minutes to compile cold) gives every op its own input and
-  output, so a failure names the op and each gradient checks one VJP.
+- COMPACT (default run) chains the primitives into 16 outputs of 6 inputs, so that its cold
+  compile stays near two CPU-minutes on a 2-core x86-64 CPU. It leaves matmul to the MLP and
+  recurrent programs of test_engine_programs.py;
+- ISOLATED (``-m slow``, about 5.5 CPU-minutes to compile cold) gives every op, the composites
+  and the batched matmul their own input and output, so a failure names the op and each gradient
+  checks one VJP.
 
 The batch axis "N" is symbolic, so each compiled program runs every size in SIZES, and
 ``STATS["compiles"]`` shows that no size recompiles. The reference is the same function run
 eagerly in float64 on the same float32 inputs (the eager engine is checked against torch in
 test_engine_ops.py). Tolerances for the float32 programs: rtol=1e-5 and atol=1e-5 times the
 largest magnitude of the expected array (at least 1), because reductions and matmuls over n
-terms carry about sqrt(n) * eps32 * sum|terms| of rounding error. Bool and integer outputs must
-match exactly.
+terms carry about sqrt(n) * eps32 * sum|terms| of rounding error. Where the program itself is
+ill-conditioned in float32, atol grows to 4 times the largest error of the same program run
+eagerly by numpy in float32. Bool and integer outputs must match exactly.
 """
 
 from __future__ import annotations
@@ -113,11 +116,10 @@ def compact_outputs(p: dict, ids) -> dict:
     binary = ops.pow(pos, w) + ops.maximum(x, w) - ops.minimum(x, col)  # (N, F)
     chosen = ops.where(ops.greater(x, col), unary, binary)  # (N, F)
     cast = ops.cast(ops.mul(ops.cast(chosen, other_float(dtype)), 0.5), dtype)  # (N, F)
-    rows = ops.transpose(ops.reshape(cast, (n, 2, 4)), (0, 2, 1))  # (N, 4, 2)
-    bmm = ops.matmul(rows, p["m"])  # (N, 4, 3)
-    joined = ops.concat([ops.reshape(bmm, (n, 12)), ops.slice_axis(x, 1, 2, 5)], axis=1)  # (N, 15)
-    picked = ops.gather(joined, np.array([0, 0, 14, 7]), axis=1)  # (N, 4), a repeated index
-    embedded = ops.gather(p["table"], ids, axis=0) + ops.broadcast_to(w, (n, F))  # (N, F), traced ids
+    rows = ops.transpose(ops.reshape(cast * p["scale"], (n, 2, 4)), (0, 2, 1))  # (N, 4, 2)
+    joined = ops.concat([ops.reshape(rows, (n, 8)), ops.slice_axis(x, 1, 2, 5)], axis=1)  # (N, 11)
+    picked = ops.gather(joined, np.array([0, 0, 10, 7]), axis=1)  # (N, 4), a repeated index
+    embedded = ops.gather(p["table"], ids, axis=0) * ops.broadcast_to(w, (n, F))  # (N, F), traced ids
 
     # Doubling is exact in both float types, so the floors and their ties agree bit for bit.
     a, b = bind(ew.floor_p, x * 2.0), bind(ew.floor_p, col * 2.0)  # (N, F), (N, 1)
@@ -128,10 +130,10 @@ def compact_outputs(p: dict, ids) -> dict:
         "binary": binary,
         "chosen": chosen,
         "cast": cast,
-        "bmm": bmm,
+        "rows": rows,
         "joined": joined,
         "picked": picked,
-        "normed": ops.layer_norm(embedded * x, p["gamma"], p["beta"]),
+        "embedded": embedded,
         "over_batch": ops.softmax(picked, axis=0),  # normalises over the symbolic axis
         "ties": bind(ew.logical_or_p, ties, ops.equal(a, b)),
         "not_differ": differ,
@@ -150,10 +152,8 @@ COMPACT = OpProgram(
         "pos": (("N", F), "positive"),
         "col": (("N", 1), "normal"),
         "w": ((F,), "normal"),
-        "m": ((2, 3), "normal"),
+        "scale": ((F,), "normal"),
         "table": ((V, F), "normal"),
-        "gamma": ((F,), "normal"),
-        "beta": ((F,), "normal"),
     },
     compact_outputs,
 )
@@ -278,7 +278,8 @@ PROGRAM_CASES = [
 ]
 
 
-def assert_close(actual, expected, what: str) -> None:
+def assert_close(actual, expected, eager32, what: str) -> None:
+    """Compare a compiled result with the float64 reference; ``eager32`` is numpy's float32 result."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape, what
     if not np.issubdtype(expected.dtype, np.floating):
@@ -287,7 +288,9 @@ def assert_close(actual, expected, what: str) -> None:
         return
     assert actual.dtype == np.float32, what
     scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
-    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL * scale, err_msg=what)
+    eager_error = float(np.max(np.abs(np.asarray(eager32, np.float64) - expected), initial=0.0))
+    atol = max(ATOL * scale, 4.0 * eager_error)
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=atol, err_msg=what)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +299,7 @@ def assert_close(actual, expected, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def compiled_results():
-    """Program name -> (size -> (compiled results, float64 reference), compile count after each size).
+    """Program name -> (size -> (compiled, float64 reference, eager float32), compile count per size).
 
     Each program compiles on first request only, so a run that selects no slow test never
     compiles ISOLATED.
@@ -311,7 +314,8 @@ def compiled_results():
             results, compiles = {}, []
             for n in SIZES:
                 params, ids = program.make_inputs(rng, n)
-                results[n] = (fn(params, ids), program.float64_reference(params, ids))
+                results[n] = (fn(params, ids), program.float64_reference(params, ids),
+                              program.value_and_grad(params, ids))
                 compiles.append(engine_compile.STATS["compiles"])
             cache[program_name] = (results, compiles)
         return cache[program_name]
@@ -328,25 +332,23 @@ def test_one_compile_serves_every_size(compiled_results, program):
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("program, name", OUTPUT_CASES)
 def test_compiled_forward(compiled_results, program, name, n):
-    (outs, _, _), (ref_outs, _, _) = compiled_results(program)[0][n]
-    assert_close(outs[name], ref_outs[name], f"{name} at N={n}")
+    (outs, _, _), (ref_outs, _, _), (eager_outs, _, _) = compiled_results(program)[0][n]
+    assert_close(outs[name], ref_outs[name], eager_outs[name], f"{name} at N={n}")
 
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("program, name", GRAD_CASES)
 def test_compiled_vjp(compiled_results, program, name, n):
-    (_, _, grads), (_, _, ref_grads) = compiled_results(program)[0][n]
-    assert_close(grads[name], ref_grads[name], f"gradient of {name} at N={n}")
+    (_, _, grads), (_, _, ref_grads), (_, _, eager_grads) = compiled_results(program)[0][n]
+    assert_close(grads[name], ref_grads[name], eager_grads[name], f"gradient of {name} at N={n}")
 
 
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("program", PROGRAM_CASES)
 def test_compiled_loss(compiled_results, program, n):
-    (outs, loss, _), (_, ref_loss, _) = compiled_results(program)[0][n]
-    # The loss sums sin() of every element of every output: terms of size <= 1.
-    terms = sum(np.size(o) for o in outs.values())
+    (_, loss, _), (_, ref_loss, _), (_, eager_loss, _) = compiled_results(program)[0][n]
     assert np.shape(loss) == ()
-    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, atol=ATOL * np.sqrt(terms))
+    assert_close(loss, ref_loss, eager_loss, f"loss at N={n}")
 
 
 # --------------------------------------------------------------------------------------------

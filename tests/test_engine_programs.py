@@ -2,6 +2,9 @@
 
 The programs are a 2-layer MLP with softmax cross-entropy (also as a compiled SGD step) and a
 16-step recurrent loop, written with ``mg.scan``, whose accumulators decay at a learned rate.
+The default run compiles the recurrent cell with a diagonal recurrent weight. The dense cell
+(a matmul inside the loop body) runs eagerly by default and compiled under ``-m slow``, because
+its two loop-body graphs add minutes of cold compile on a 2-core CPU.
 
 Tolerances: the eager engine runs in float64 against torch in float64 with rtol=1e-9,
 atol=1e-12. Compiled programs run in float32 and are compared with torch in float64 on the same
@@ -150,10 +153,12 @@ def test_sgd_weights_are_inputs_not_constants(compiled_sgd_step, rng):
 # 16-step recurrent loop with decaying accumulators
 
 
-def init_recurrent(rng, dtype) -> dict:
+def init_recurrent(rng, dtype, dense: bool = False) -> dict:
+    """Parameters of the recurrent cell; ``dense`` picks a (HR, HR) recurrent matrix over a diagonal (HR,)."""
+    wh = rng.standard_normal((HR, HR)) / np.sqrt(HR) if dense else rng.uniform(-1.0, 1.0, HR)
     return {
         "wx": (rng.standard_normal((DIN, HR)) / np.sqrt(DIN)).astype(dtype),
-        "wh": (rng.standard_normal((HR, HR)) / np.sqrt(HR)).astype(dtype),
+        "wh": wh.astype(dtype),
         "b": (0.1 * rng.standard_normal(HR)).astype(dtype),
         "h0": (0.5 * rng.standard_normal(HR)).astype(dtype),
         "decay": rng.uniform(0.0, 3.0, HR).astype(dtype),
@@ -167,6 +172,7 @@ def recurrent_loss(params, xs, targets):
     alpha_t = r * alpha_{t-1} + h_t and beta_t = r * beta_{t-1} + 1 with r = exp(-clip(decay, 0, 15)),
     so alpha_t / sqrt(beta_t) weights recent states more, and gradients reach decay through r. The
     input projection and the readout run outside the loop, as batched matmuls over all steps.
+    The recurrent weights ``wh`` are a matrix (h @ wh) or a diagonal (h * wh), by their rank.
     """
     batch = ops.shape_of(xs)[1]
     r = ops.exp(-ops.clip(params["decay"], 0.0, 15.0))  # (HR,)
@@ -176,7 +182,8 @@ def recurrent_loss(params, xs, targets):
 
     def tick(carry, u):
         h, alpha, beta = carry
-        h = ops.tanh(u + h @ params["wh"])  # (B, HR)
+        recurrent = h @ params["wh"] if len(ops.shape_of(params["wh"])) == 2 else h * params["wh"]
+        h = ops.tanh(u + recurrent)  # (B, HR)
         alpha = r * alpha + h
         beta = r * beta + 1.0
         return (h, alpha, beta), alpha * ops.rsqrt(beta)
@@ -197,7 +204,8 @@ def torch_recurrent_loss(params, xs, targets):
     beta = torch.zeros(batch, HR, dtype=torch.float64)
     ce = []
     for t in range(xs.shape[0]):
-        h = torch.tanh(xs[t] @ params["wx"] + params["b"] + h @ params["wh"])
+        recurrent = h @ params["wh"] if params["wh"].ndim == 2 else h * params["wh"]
+        h = torch.tanh(xs[t] @ params["wx"] + params["b"] + recurrent)
         alpha = r * alpha + h
         beta = r * beta + 1.0
         logits = (alpha / torch.sqrt(beta)) @ params["wout"]
@@ -213,15 +221,19 @@ def recurrent_value_and_grad(params, xs, targets):
     return mg.value_and_grad(recurrent_loss)(params, xs, targets)
 
 
+RECURRENT_DIMS = (None, ("T", "B", DIN), ("T", "B"))  # steps and batch symbolic
+
+
 @pytest.fixture(scope="module")
 def compiled_recurrent():
-    # Steps and batch are symbolic: one compile serves every length, as the scan body is traced once.
-    return mg.compile(recurrent_value_and_grad, device="cpu", dims=(None, ("T", "B", DIN), ("T", "B")))
+    """The diagonal cell, compiled once for every length (the scan body is traced once)."""
+    return mg.compile(recurrent_value_and_grad, device="cpu", dims=RECURRENT_DIMS)
 
 
+@pytest.mark.parametrize("dense", (False, True), ids=("diagonal", "dense"))
 @pytest.mark.parametrize("batch", (1, 4))
-def test_recurrent_eager_matches_torch(batch, rng):
-    params = init_recurrent(rng, np.float64)
+def test_recurrent_eager_matches_torch(batch, dense, rng):
+    params = init_recurrent(rng, np.float64, dense)
     xs, targets = recurrent_data(rng, T, batch, np.float64)
     loss, grads = mg.value_and_grad(recurrent_loss)(params, xs, targets)
     ref_loss, ref_grads = torch_grads(torch_recurrent_loss, params, xs, targets)
@@ -231,7 +243,7 @@ def test_recurrent_eager_matches_torch(batch, rng):
 
 
 def test_recurrent_decay_gradient_is_nonzero(rng):
-    params = init_recurrent(rng, np.float64)
+    params = init_recurrent(rng, np.float64, dense=True)
     xs, targets = recurrent_data(rng, T, 2, np.float64)
     _, grads = mg.value_and_grad(recurrent_loss)(params, xs, targets)
     assert np.all(np.abs(grads["decay"]) > 0)
@@ -261,11 +273,11 @@ def test_recurrent_new_length_does_not_recompile(compiled_recurrent, rng):
 
 @pytest.mark.max
 @pytest.mark.slow
-def test_recurrent_all_graphs_matches_torch(rng):
-    """host_glue=False: the straight-line parts around the loops compile to MAX graphs as well."""
-    fn = mg.compile(recurrent_value_and_grad, device="cpu", dims=(None, ("T", "B", DIN), ("T", "B")),
-                    host_glue=False)
-    params = init_recurrent(rng, np.float32)
+@pytest.mark.parametrize("host_glue", (None, False), ids=("default", "all_graphs"))
+def test_recurrent_dense_compiled_matches_torch(host_glue, rng):
+    """The dense cell; host_glue=False compiles the parts around the loops to MAX graphs as well."""
+    fn = mg.compile(recurrent_value_and_grad, device="cpu", dims=RECURRENT_DIMS, host_glue=host_glue)
+    params = init_recurrent(rng, np.float32, dense=True)
     for steps, batch in [(T, 1), (5, 3)]:
         xs, targets = recurrent_data(rng, steps, batch, np.float32)
         loss, grads = fn(params, xs, targets)

@@ -414,6 +414,128 @@ def test_gradient_crosses_tokens():
 
 
 # --------------------------------------------------------------------------------------------
+# Spatial input regions
+
+
+def spatial_config(outer_ticks: int = 2, n_tokens: int = 6) -> RegionalConfig:
+    """tiny_config with region 0 attending over n_tokens observation tokens of width 10."""
+    return tiny_config(outer_ticks=outer_ticks).replace(spatial_tokens=n_tokens, spatial_regions=(0,))
+
+
+def test_spatial_config_validation():
+    base = tiny_config()
+    with pytest.raises(ValueError, match="disagree"):
+        base.replace(spatial_tokens=4)
+    with pytest.raises(ValueError, match="disagree"):
+        base.replace(spatial_regions=(0,))
+    with pytest.raises(ValueError, match="spatial region 3 does not exist"):
+        base.replace(spatial_tokens=4, spatial_regions=(3,))
+    with pytest.raises(ValueError, match="must be even"):
+        tiny_config(raw_obs_dim=9).replace(spatial_tokens=4, spatial_regions=(0,))
+    tiny_config(raw_obs_dim=9).replace(spatial_tokens=4, spatial_regions=(0,), spatial_position_code=False)
+
+
+def test_spatial_config_roundtrip_and_shapes():
+    cfg = spatial_config()
+    assert RegionalConfig.from_dict(cfg.to_dict()) == cfg
+    params, _ = init_brain(cfg)
+    assert params["regions"][0]["kv_proj"]["w"].shape == (cfg.raw_obs_dim, cfg.regions[0].d_input)
+    assert params["regions"][1]["kv_proj"]["w"].shape == (cfg.regions[1].d_input, cfg.regions[1].d_input)
+    shapes = tree_flatten(param_shapes(cfg))[0]
+    assert [s.shape for s in shapes] == [np.shape(x) for x in tree_flatten(params)[0]]
+    assert count_brain_params(cfg) == sum(np.size(x) for x in tree_flatten(params)[0])
+
+
+def test_spatial_position_code_layout():
+    code = brain_module.spatial_position_code(9, 8)  # a 3 x 3 grid
+    assert code.shape == (9, 8) and code.dtype == np.float32
+    np.testing.assert_allclose(code[0], [0, 1, 0, 1, 0, 1, 0, 1], atol=1e-7)
+    np.testing.assert_array_equal(code[3, :4], code[5, :4])  # same row (1): same first half
+    np.testing.assert_array_equal(code[1, 4:], code[7, 4:])  # same column (1): same second half
+    assert not np.allclose(code[1, :4], code[4, :4])
+    np.testing.assert_allclose(code[4, 0], np.sin(1.0), rtol=1e-6)
+
+
+def test_spatial_brain_reads_every_token():
+    cfg = spatial_config()
+    params, buffers = init_brain(cfg)
+    params = float64_params(params, np.random.default_rng(7))
+    obs = np.random.default_rng(8).standard_normal((2, cfg.spatial_tokens, cfg.raw_obs_dim))
+    state = init_brain_state(params, cfg, 2)
+    logits, _ = brain_step(params, buffers, cfg, obs, state)
+    assert logits.shape == (2, cfg.outer_ticks, cfg.out_dims)
+    moved = obs.copy()
+    moved[:, 4] += 1.0  # a token that no flat consumer reads
+    changed, _ = brain_step(params, buffers, cfg, moved, state)
+    assert np.abs(changed - logits).max() > 1e-6
+    with pytest.raises(ValueError, match="pass the whole token set"):
+        brain_step(params, buffers, cfg, obs[:, 0], state)
+    with pytest.raises(ValueError, match="token-set observations"):
+        brain_forward_tokens(params, buffers, cfg, np.zeros((1, 2), np.int64))
+
+
+SPATIAL_CHECKED_LEAVES = [
+    "regions[0].kv_proj.w",
+    "regions[0].kv_ln.g",
+    "regions[0].q_proj.w",
+    "regions[0].decay_action",
+    "regions[0].mha_in.w",
+    "regions[0].start_trace",
+    "regions[1].synapse.up[0].linear.w",
+    "obs_proj.w",
+    "edges[1].w",
+    "output_proj.w",
+]
+
+
+@pytest.mark.parametrize("outer_ticks", [2, 5])  # 5 runs the outer loop as a scan
+def test_spatial_gradients_match_finite_differences(outer_ticks):
+    cfg = spatial_config(outer_ticks)
+    params, buffers = init_brain(cfg)
+    rng = np.random.default_rng(9)
+    params = float64_params(params, rng)
+    obs = rng.standard_normal((2, cfg.spatial_tokens, cfg.raw_obs_dim))
+    weights = rng.standard_normal((2, cfg.outer_ticks, cfg.out_dims))
+
+    def loss(p, x):
+        logits, _ = brain_step(p, buffers, cfg, x, init_brain_state(p, cfg, 2))
+        return ops.sum(logits * weights)
+
+    _, (grads, obs_grad) = mg.value_and_grad(loss, argnums=(0, 1))(params, obs)
+    # The edge into the spatial region is ignored; its query now matters, unlike a one-token region's.
+    np.testing.assert_array_equal(grads["edges"][0]["w"], 0.0)
+    assert np.abs(grads["regions"][0]["q_proj"]["w"]).max() > 1e-8
+    assert np.abs(obs_grad[:, 1:]).max() > 1e-8
+
+    leaves, treedef = tree_flatten(params)
+    grad_leaves = tree_flatten(grads)[0]
+    paths = leaf_paths(params)
+    eps, checked = 1e-6, 0
+    targets = [(paths.index(n), grad_leaves[paths.index(n)]) for n in SPATIAL_CHECKED_LEAVES] + [(None, obs_grad)]
+    for i, g in targets:
+        flat = np.abs(g).ravel()
+        picks = {int(np.argmax(flat))} | set(rng.choice(flat.size, size=min(2, flat.size), replace=False).tolist())
+        for j in picks:
+            if flat[j] < 1e-7:
+                continue
+            bumped = []
+            for sign in (1.0, -1.0):
+                if i is None:
+                    x = obs.copy()
+                    x.ravel()[j] += sign * eps
+                    bumped.append(float(loss(params, x)))
+                else:
+                    leaf = leaves[i].copy()
+                    leaf.ravel()[j] += sign * eps
+                    bumped.append(float(loss(tree_unflatten(treedef, leaves[:i] + [leaf] + leaves[i + 1 :]), obs)))
+            numeric = (bumped[0] - bumped[1]) / (2 * eps)
+            analytic = float(g.ravel()[j])
+            assert abs(numeric - analytic) / max(abs(numeric), abs(analytic)) < 1e-5, (i, j, numeric, analytic)
+            checked += 1
+    assert checked >= 15
+
+
+# --------------------------------------------------------------------------------------------
 # Neural computer
 
 

@@ -17,6 +17,7 @@ from modgrad.checkpoint import (
     CheckpointError,
     checkpoint_paths,
     flatten_tree,
+    load_brain,
     load_checkpoint,
     save_checkpoint,
 )
@@ -29,7 +30,7 @@ from modgrad.data import (
     load_corpus,
     split_corpus,
 )
-from modgrad.train import PRESET_NAMES, TrainConfig, Trainer, TrainError, load_brain
+from modgrad.train import PRESET_NAMES, TrainConfig, Trainer, TrainError
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("MODGRAD_TEXT_CORPUS", REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))

@@ -10,12 +10,20 @@ region order does not matter):
     alpha = rho * alpha + A[L] * A[R];  beta = rho * beta + 1       -> global sync gs = alpha / sqrt(beta)
     logits_k = output_proj(gs)                                      -> (B, out_dims)
 
+A spatial region (``RegionalConfig.spatial_regions``) instead attends over every token of a
+token-set observation (B, n, raw), for example the cells of an image.
+
 Gradients are exact through everything: edges into their source regions, the router, the global
 sync recurrence and its decays, the region states across outer ticks and, when the caller carries
 the state, across tokens. The reference's hand-written backward drops all of those.
 """
 
 from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
 
 from modgrad import ops
 from modgrad.ctm.model import decay_rate, encode_observation, init_state, linear, pair_products, run_ticks
@@ -51,6 +59,8 @@ def connection_inputs(params: dict, cfg: RegionalConfig, obs, outputs: list) -> 
     """Input of every region from the fixed connections. obs (B, raw), outputs[r] (B, D_r) -> [(B, Di_r)]."""
     received: list = [None] * cfg.n_regions
     for conn, edge in zip(cfg.connections, params["edges"]):
+        if conn.target in cfg.spatial_regions:
+            continue  # a spatial region reads the observation tokens only
         parts = [outputs[s] for s in conn.sources]
         if conn.receives_observation:
             start, length = cfg.obs_slice(conn.observation_scale)
@@ -58,7 +68,7 @@ def connection_inputs(params: dict, cfg: RegionalConfig, obs, outputs: list) -> 
         x = linear(edge, ops.concat(parts, -1))  # (B, Di_target)
         received[conn.target] = x if received[conn.target] is None else received[conn.target] + x
 
-    missing = [r for r in range(cfg.n_regions) if received[r] is None]
+    missing = [r for r in range(cfg.n_regions) if received[r] is None and r not in cfg.spatial_regions]
     if missing:
         projected = linear(params["obs_proj"], obs)  # (B, Di_0)
         for r in missing:
@@ -109,8 +119,13 @@ def routed_inputs(params: dict, cfg: RegionalConfig, obs, outputs: list, gs, tic
 # Outer ticks
 
 
-def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dict, tick_embed, restart_sync: bool):
-    """Run every region for one outer tick, then update the global sync. -> (state, logits (B, out_dims))."""
+def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dict, tick_embed, restart_sync: bool,
+               spatial_kv: dict | None = None):
+    """Run every region for one outer tick, then update the global sync. -> (state, logits (B, out_dims)).
+
+    spatial_kv maps each spatial region to its encoded observation tokens (B, n, Di).
+    """
+    spatial_kv = spatial_kv or {}
     outputs = [s["z"] for s in state["regions"]]
     if cfg.router is None:
         inputs = connection_inputs(params, cfg, obs, outputs)
@@ -118,8 +133,8 @@ def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dic
         inputs = routed_inputs(params, cfg, obs, outputs, global_sync(state), tick_embed)
 
     regions = []
-    for p, b, rc, x, s in zip(params["regions"], buffers["regions"], cfg.regions, inputs, state["regions"]):
-        kv = encode_observation(p, ops.expand_dims(x, 1))  # (B, 1, Di)
+    for r, (p, b, rc, x, s) in enumerate(zip(params["regions"], buffers["regions"], cfg.regions, inputs, state["regions"])):
+        kv = spatial_kv[r] if r in spatial_kv else encode_observation(p, ops.expand_dims(x, 1))  # (B, n or 1, Di)
         s, _ = run_ticks(p, b, rc, kv, s, restart_sync=restart_sync)
         regions.append(s)
 
@@ -131,16 +146,64 @@ def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dic
     return new_state, linear(params["output_proj"], global_sync(new_state))
 
 
-def brain_step(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dict, restart_sync: bool = False):
-    """Run cfg.outer_ticks outer ticks on one observation. obs (B, raw_obs_dim).
+@functools.lru_cache(maxsize=16)
+def spatial_position_code(n_tokens: int, dim: int) -> np.ndarray:
+    """Fixed 2-D sinusoidal position code (n_tokens, dim), float32, read-only.
 
+    Tokens lie on a grid round(sqrt(n_tokens)) wide in row-major order. The first half of the
+    channels codes the row and the second half the column: channel c of a half codes position x
+    as sin(x f_c) for even c and cos(x f_c) for odd c, with f_c = 1 / 10000^(2 (c // 2) / half).
+    """
+    half = dim // 2
+    width = max(int(round(math.sqrt(n_tokens))), 1)
+    index = np.arange(n_tokens)
+    rows, cols = (index // width).astype(np.float64), (index % width).astype(np.float64)
+    c = np.arange(half)
+    freq = 1.0 / 10000.0 ** (2.0 * (c // 2) / max(half, 1))  # (half,)
+
+    def code(x):
+        angle = x[:, None] * freq[None, :]  # (n, half)
+        return np.where(c % 2 == 0, np.sin(angle), np.cos(angle))
+
+    out = np.concatenate([code(rows), code(cols)], -1).astype(np.float32)  # (n, dim)
+    out.setflags(write=False)
+    return out
+
+
+def split_observation(params: dict, cfg: RegionalConfig, obs):
+    """Check an observation and return (flat obs (B, raw), {spatial region: kv (B, n, Di)}).
+
+    A flat brain takes obs (B, raw_obs_dim). A spatial brain takes tokens (B, spatial_tokens,
+    raw_obs_dim): its spatial regions encode all of them, and flat consumers read token 0.
+    """
+    shape = ops.shape_of(obs)
+    if not cfg.is_spatial:
+        if len(shape) != 2:
+            raise ValueError(f"observation shape {tuple(shape)} is not (B, raw_obs_dim); this brain takes one vector per example")
+        if shape[-1] != cfg.raw_obs_dim:
+            raise ValueError(f"observation width {shape[-1]} does not match the brain's raw_obs_dim {cfg.raw_obs_dim}")
+        return obs, {}
+    if len(shape) != 3 or shape[1] != cfg.spatial_tokens or shape[2] != cfg.raw_obs_dim:
+        raise ValueError(
+            f"observation shape {tuple(shape)} does not match the spatial brain's "
+            f"(B, {cfg.spatial_tokens}, {cfg.raw_obs_dim}): pass the whole token set"
+        )
+    tokens = obs
+    if cfg.spatial_position_code:
+        tokens = obs + spatial_position_code(cfg.spatial_tokens, cfg.raw_obs_dim).astype(ops.dtype_of(obs))
+    kv = {r: encode_observation(params["regions"][r], tokens) for r in cfg.spatial_regions}  # (B, n, Di_r)
+    return obs[:, 0], kv
+
+
+def brain_step(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dict, restart_sync: bool = False):
+    """Run cfg.outer_ticks outer ticks on one observation.
+
+    obs: (B, raw_obs_dim), or (B, spatial_tokens, raw_obs_dim) tokens for a spatial brain.
     restart_sync: re-initialise every region's sync accumulators at each region call (the
     reference's inference semantics); by default they continue across outer ticks and calls.
     Returns (logits (B, K, out_dims), new_state).
     """
-    width = ops.shape_of(obs)[-1]
-    if width != cfg.raw_obs_dim:
-        raise ValueError(f"observation width {width} does not match the brain's raw_obs_dim {cfg.raw_obs_dim}")
+    obs, spatial_kv = split_observation(params, cfg, obs)
     k = cfg.outer_ticks
     tick_embeds = params["router"]["tick_embed"] if cfg.router is not None else None  # (K, E)
 
@@ -148,12 +211,12 @@ def brain_step(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dic
         logits = []
         for t in range(k):
             embed = tick_embeds[t] if tick_embeds is not None else None
-            state, pred = outer_tick(params, buffers, cfg, obs, state, embed, restart_sync)
+            state, pred = outer_tick(params, buffers, cfg, obs, state, embed, restart_sync, spatial_kv)
             logits.append(pred)
         return ops.stack(logits, 1), state
 
     def body(carry, embed):
-        return outer_tick(params, buffers, cfg, obs, carry, embed, restart_sync)
+        return outer_tick(params, buffers, cfg, obs, carry, embed, restart_sync, spatial_kv)
 
     state, logits = ops.scan(body, state, xs=tick_embeds, length=None if tick_embeds is not None else k)
     return ops.transpose(logits, (1, 0, 2)), state  # (B, K, out_dims)
@@ -171,6 +234,8 @@ def brain_forward_tokens(params: dict, buffers: dict, cfg: RegionalConfig, token
     over tokens, outer ticks and region ticks). ``state`` defaults to a fresh state.
     Returns (logits (B, L, K, out_dims), final state).
     """
+    if cfg.is_spatial:
+        raise ValueError(f"brain {cfg.name!r} takes token-set observations; call brain_step with (B, n, raw) tokens")
     if state is None:
         state = init_brain_state(params, cfg, ops.shape_of(tokens)[0])
     obs = ops.transpose(embed_tokens(params, tokens), (1, 0, 2))  # (L, B, raw)

@@ -89,8 +89,15 @@ class RegionalConfig:
 
     Each region attends over a single observation token, so its attention output does not depend
     on the query: ``q_proj``, the action synchronisation and both sync decays of every region get
-    zero gradient too. The reference's optimiser never updates the router and the outer gate,
-    which here are trained like every other parameter.
+    zero gradient too (spatial regions excepted, see below). The reference's optimiser never
+    updates the router and the outer gate, which here are trained like every other parameter.
+
+    Spatial input: with ``spatial_tokens = n > 0`` the observation is a set of n tokens
+    (B, n, raw_obs_dim), such as the cells of an image. Each region listed in ``spatial_regions``
+    attends over all n tokens (its ``kv_proj`` maps raw_obs_dim -> Di), plus a fixed 2-D sinusoidal
+    position code when ``spatial_position_code`` is set; like the reference's spatial regions, it
+    ignores its incoming connections (their weights get zero gradient). Every flat consumer
+    (connections that receive the observation, ``obs_proj``) reads token 0.
     """
 
     regions: tuple[CtmConfig, ...]
@@ -104,12 +111,16 @@ class RegionalConfig:
     exit_strategy: ExitStrategy = ExitStrategy.adaptive_gate(0.1, 0.99)
     router: RouterConfig | None = None
     extra_heads: bool = True
+    spatial_tokens: int = 0
+    spatial_regions: tuple[int, ...] = ()
+    spatial_position_code: bool = True
     name: str = "brain"
 
     def __post_init__(self):
         object.__setattr__(self, "regions", tuple(self.regions))
         object.__setattr__(self, "region_names", tuple(self.region_names))
         object.__setattr__(self, "connections", tuple(self.connections))
+        object.__setattr__(self, "spatial_regions", tuple(int(r) for r in self.spatial_regions))
         scales = tuple(self.obs_scale_dims) or (self.raw_obs_dim,)
         object.__setattr__(self, "obs_scale_dims", scales)
         self._validate()
@@ -139,6 +150,7 @@ class RegionalConfig:
                     f"connection {i} reads observation scale {conn.observation_scale}, "
                     f"but obs_scale_dims has {len(self.obs_scale_dims)} scales"
                 )
+        self._validate_spatial()
         if self.router is None:
             di0 = self.regions[0].d_input
             for r in self.unconnected_regions:
@@ -150,6 +162,25 @@ class RegionalConfig:
                     )
         elif self.router.k < 1:
             raise ValueError(f"RouterConfig.k must be >= 1, got {self.router.k}")
+
+    def _validate_spatial(self) -> None:
+        if self.spatial_tokens < 0:
+            raise ValueError(f"RegionalConfig.spatial_tokens must be >= 0, got {self.spatial_tokens}")
+        if bool(self.spatial_tokens) != bool(self.spatial_regions):
+            raise ValueError(
+                f"spatial_tokens={self.spatial_tokens} and spatial_regions={list(self.spatial_regions)} disagree: "
+                "set both (a token count and the regions that attend over the tokens) or neither"
+            )
+        for r in self.spatial_regions:
+            if not 0 <= r < len(self.regions):
+                raise ValueError(f"spatial region {r} does not exist; the brain has regions 0..{len(self.regions) - 1}")
+        if len(set(self.spatial_regions)) != len(self.spatial_regions):
+            raise ValueError(f"spatial_regions lists a region twice: {list(self.spatial_regions)}")
+        if self.spatial_position_code and self.spatial_tokens and self.raw_obs_dim % 2:
+            raise ValueError(
+                f"the 2-D position code splits raw_obs_dim={self.raw_obs_dim} into row and column halves, "
+                "so it must be even; use an even token width or spatial_position_code=False"
+            )
 
     # ----------------------------------------------------------------------------------------
 
@@ -164,14 +195,23 @@ class RegionalConfig:
 
     @property
     def unconnected_regions(self) -> list[int]:
-        """Regions without an incoming connection; they read ``obs_proj(observation)``."""
+        """Flat regions without an incoming connection; they read ``obs_proj(observation)``."""
         targets = {c.target for c in self.connections}
-        return [r for r in range(self.n_regions) if r not in targets]
+        return [r for r in range(self.n_regions) if r not in targets and r not in self.spatial_regions]
 
     def obs_slice(self, scale: int) -> tuple[int, int]:
         """(start, length) of one scale inside the concatenated observation."""
         start = sum(self.obs_scale_dims[:scale])
         return start, self.obs_scale_dims[scale]
+
+    @property
+    def is_spatial(self) -> bool:
+        """True when the observation is a token set (B, spatial_tokens, raw_obs_dim)."""
+        return self.spatial_tokens > 0
+
+    def region_raw_dim(self, r: int) -> int:
+        """Input width of region r's kv_proj: raw_obs_dim for a spatial region, else its d_input."""
+        return self.raw_obs_dim if r in self.spatial_regions else self.regions[r].d_input
 
     def connection_in_dim(self, conn: Connection) -> int:
         width = sum(self.regions[s].d_model for s in conn.sources)

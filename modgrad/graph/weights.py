@@ -3,7 +3,8 @@
 The tree ``init_brain`` returns (``param_shapes`` has the same structure with ParamSpec leaves):
 
     embeddings        (out_dims, raw_obs_dim)
-    regions[r]        one CTM parameter tree per region (modgrad.ctm.weights.init_ctm)
+    regions[r]        one CTM parameter tree per region (modgrad.ctm.weights.init_ctm); kv_proj reads
+                      Di_r, or raw_obs_dim for a spatial region
     edges[c]          Linear(connection_in_dim -> Di of the target), one per connection
     obs_proj          Linear(raw_obs_dim -> Di of region 0)
     global_decay      (n_global_sync,)
@@ -99,7 +100,7 @@ def param_shapes(cfg: RegionalConfig) -> dict:
     n_gs, out = cfg.n_global_sync, cfg.out_dims
     shapes: dict = {
         "embeddings": ParamSpec((out, cfg.raw_obs_dim)),
-        "regions": [region_param_shapes(r, r.d_input) for r in cfg.regions],
+        "regions": [region_param_shapes(r, cfg.region_raw_dim(i)) for i, r in enumerate(cfg.regions)],
         "edges": [_linear_spec(cfg.connection_in_dim(c), cfg.regions[c.target].d_input) for c in cfg.connections],
         "obs_proj": _linear_spec(cfg.raw_obs_dim, cfg.regions[0].d_input),
         "global_decay": ParamSpec((n_gs,)),
@@ -189,7 +190,7 @@ def init_brain(cfg: RegionalConfig, seed: int = 42) -> tuple[dict, dict]:
     global_left = rng.below(cfg.n_global_sync, cfg.total_d)
     global_right = rng.below(cfg.n_global_sync, cfg.total_d)
 
-    regions = [init_ctm(r, r.d_input, seed=seed) for r in cfg.regions]
+    regions = [init_ctm(r, cfg.region_raw_dim(i), seed=seed) for i, r in enumerate(cfg.regions)]
     n_gs = cfg.n_global_sync
     params: dict = {
         "embeddings": embeddings,

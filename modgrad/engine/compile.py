@@ -40,7 +40,7 @@ def cache_dir() -> Path:
 
 
 def devices() -> list[str]:
-    """Devices available here: always "cpu" and "numpy"; "gpu" when MAX sees an accelerator."""
+    """List the devices available here: always "cpu" and "numpy", and "gpu" when MAX finds an accelerator."""
     from max.driver import accelerator_count
 
     found = ["cpu"]

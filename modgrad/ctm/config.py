@@ -113,7 +113,7 @@ class CtmConfig:
         ticks: int,
         exit_strategy: ExitStrategy,
     ) -> "CtmConfig":
-        """The region rule every brain preset uses: sizes derived from (D, Di, M, deep)."""
+        """Build a region config by the rule every brain preset uses: sizes derived from (D, Di, M, deep)."""
         heads = min(max(d_input // 8, 1), 8) if d_input >= 8 else 1
         return cls(
             ticks=ticks,

@@ -103,7 +103,7 @@ def attend(params: dict, cfg: CtmConfig, q, k, v):
 
 
 def init_state(params: dict, cfg: CtmConfig, batch: int | str) -> dict:
-    """A fresh recurrent state from the learned start activation and start trace.
+    """Build a fresh recurrent state from the learned start activation and start trace.
 
     trace is stored (D, B, M) so the NLM is one batched matmul per stage. ``started`` is 0 until
     the first tick has run; it switches the sync accumulators from initialisation to recurrence.

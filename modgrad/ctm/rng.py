@@ -19,7 +19,7 @@ class SimpleRng:
         self.state = (int(seed) + 1) & _MASK64
 
     def next_u64_array(self, n: int) -> np.ndarray:
-        """The next n raw draws, in order."""
+        """Draw the next n raw 64-bit values, in order."""
         out = np.empty(n, dtype=np.uint64)
         if n == 0:
             return out

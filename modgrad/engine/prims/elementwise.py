@@ -155,7 +155,7 @@ def _minmax_vjp(pick_x_when):
     return vjp
 
 
-# ties send the gradient to x, as torch.maximum/minimum split it; tests avoid exact ties
+# Ties send the whole gradient to x. torch splits it evenly, so tests avoid exact ties.
 maximum_p = _binary("maximum", np.maximum, lambda n, g: _minmax_vjp(greater_equal_p)(n, g))
 minimum_p = _binary("minimum", np.minimum, lambda n, g: _minmax_vjp(less_equal_p)(n, g))
 

@@ -1,7 +1,7 @@
 """MAX lowering of the engine's primitives: one function per primitive, grouped by op family.
 
 ``lower(name, args, attrs, device)`` turns one recorded primitive into ``max.graph`` values inside
-the graph under construction. This package knows MAX and the primitive names; it never imports the
+the graph under construction. This package depends only on MAX and the primitive names. It never imports the
 model code.
 """
 

@@ -150,6 +150,22 @@ class Plan:
                         seen.add(x.uid)
                         step.inputs.append(x)
             step.outputs = [o for n in step.nodes for o in n.outputs if later_uses.get(o.uid, -1) > i]
+            self._declare_symbols(step)
+
+    def _declare_symbols(self, seg: Segment) -> None:
+        """Add a program input for each symbolic dim the segment uses but none of its inputs declares.
+
+        A MAX graph only knows a symbolic dim through an input type, e.g. ``broadcast_to(w, ("B", 3))``
+        where "B" comes from an argument that no op of the segment reads.
+        """
+        declared = {d for v in seg.inputs for d in v.shape if isinstance(d, str)}
+        used = {d for n in seg.nodes for o in n.outputs for d in o.shape if isinstance(d, str)}
+        for sym in sorted(used - declared):
+            source = next((v for v in self.program.inputs if sym in v.shape), None)
+            if source is None:
+                raise ShapeError(f"symbolic dim {sym!r} is not declared by any program input")
+            seg.inputs.append(source)
+            declared.update(d for d in source.shape if isinstance(d, str))
 
     def _compile(self) -> None:
         for k, step in enumerate(self.steps):

@@ -474,6 +474,37 @@ def test_spatial_brain_reads_every_token():
         brain_forward_tokens(params, buffers, cfg, np.zeros((1, 2), np.int64))
 
 
+def test_spatial_region_without_edges_reads_tokens_only():
+    # Region 1 has no incoming connection; as a spatial region it no longer reads obs_proj.
+    cfg = tiny_config().replace(spatial_tokens=6, spatial_regions=(1,))
+    assert cfg.unconnected_regions == []
+    params, buffers = init_brain(cfg)
+    params = float64_params(params, np.random.default_rng(10))
+    obs = np.random.default_rng(11).standard_normal((2, cfg.spatial_tokens, cfg.raw_obs_dim))
+
+    def loss(p):
+        logits, _ = brain_step(p, buffers, cfg, obs, init_brain_state(p, cfg, 2))
+        return ops.sum(logits**2)
+
+    _, grads = mg.value_and_grad(loss)(params)
+    np.testing.assert_array_equal(grads["obs_proj"]["w"], 0.0)
+    assert np.abs(grads["regions"][1]["kv_proj"]["w"]).max() > 1e-8
+    assert np.abs(grads["regions"][1]["q_proj"]["w"]).max() > 1e-8
+
+
+def test_spatial_region_keeps_edge_token():
+    cfg = spatial_config()
+    params, buffers = init_brain(cfg)
+    params = float64_params(params, np.random.default_rng(12))
+    obs = np.random.default_rng(13).standard_normal((1, cfg.spatial_tokens, cfg.raw_obs_dim))
+    state = init_brain_state(params, cfg, 1)
+    before, _ = brain_step(params, buffers, cfg, obs, state)
+    edges = [dict(e) for e in params["edges"]]
+    edges[0] = {"w": edges[0]["w"] * 3.0, "b": edges[0]["b"] + 1.0}  # the edge into spatial region 0
+    after, _ = brain_step(dict(params, edges=edges), buffers, cfg, obs, state)
+    assert np.abs(after[:, 1] - before[:, 1]).max() > 1e-6
+
+
 SPATIAL_CHECKED_LEAVES = [
     "regions[0].kv_proj.w",
     "regions[0].kv_ln.g",
@@ -483,6 +514,7 @@ SPATIAL_CHECKED_LEAVES = [
     "regions[0].start_trace",
     "regions[1].synapse.up[0].linear.w",
     "obs_proj.w",
+    "edges[0].w",
     "edges[1].w",
     "output_proj.w",
 ]
@@ -502,8 +534,8 @@ def test_spatial_gradients_match_finite_differences(outer_ticks):
         return ops.sum(logits * weights)
 
     _, (grads, obs_grad) = mg.value_and_grad(loss, argnums=(0, 1))(params, obs)
-    # The edge into the spatial region is ignored; its query now matters, unlike a one-token region's.
-    np.testing.assert_array_equal(grads["edges"][0]["w"], 0.0)
+    # The edge into the spatial region is its extra token; its query matters, unlike a one-token region's.
+    assert np.abs(grads["edges"][0]["w"]).max() > 1e-8
     assert np.abs(grads["regions"][0]["q_proj"]["w"]).max() > 1e-8
     assert np.abs(obs_grad[:, 1:]).max() > 1e-8
 

@@ -11,7 +11,8 @@ region order does not matter):
     logits_k = output_proj(gs)                                      -> (B, out_dims)
 
 A spatial region (``RegionalConfig.spatial_regions``) instead attends over every token of a
-token-set observation (B, n, raw), for example the cells of an image.
+token-set observation (B, n, raw), for example the cells of an image, plus one token that
+carries x_r when connections feed it.
 
 Gradients are exact through everything: edges into their source regions, the router, the global
 sync recurrence and its decays, the region states across outer ticks and, when the caller carries
@@ -26,7 +27,7 @@ import math
 import numpy as np
 
 from modgrad import ops
-from modgrad.ctm.model import decay_rate, encode_observation, init_state, linear, pair_products, run_ticks
+from modgrad.ctm.model import decay_rate, encode_observation, init_state, layer_norm, linear, pair_products, run_ticks
 from modgrad.graph.config import RegionalConfig
 
 # Outer loops this short run as a Python loop (fewer nested scans); longer ones use ops.scan.
@@ -59,8 +60,6 @@ def connection_inputs(params: dict, cfg: RegionalConfig, obs, outputs: list) -> 
     """Input of every region from the fixed connections. obs (B, raw), outputs[r] (B, D_r) -> [(B, Di_r)]."""
     received: list = [None] * cfg.n_regions
     for conn, edge in zip(cfg.connections, params["edges"]):
-        if conn.target in cfg.spatial_regions:
-            continue  # a spatial region reads the observation tokens only
         parts = [outputs[s] for s in conn.sources]
         if conn.receives_observation:
             start, length = cfg.obs_slice(conn.observation_scale)
@@ -123,7 +122,9 @@ def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dic
                spatial_kv: dict | None = None):
     """Run every region for one outer tick, then update the global sync. -> (state, logits (B, out_dims)).
 
-    spatial_kv maps each spatial region to its encoded observation tokens (B, n, Di).
+    spatial_kv maps each spatial region to its encoded observation tokens (B, n, Di). A spatial
+    region with an input from other regions attends over those tokens plus the input as one more
+    token: the input is already a learned projection, so it only goes through the region's kv_ln.
     """
     spatial_kv = spatial_kv or {}
     outputs = [s["z"] for s in state["regions"]]
@@ -134,7 +135,12 @@ def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dic
 
     regions = []
     for r, (p, b, rc, x, s) in enumerate(zip(params["regions"], buffers["regions"], cfg.regions, inputs, state["regions"])):
-        kv = spatial_kv[r] if r in spatial_kv else encode_observation(p, ops.expand_dims(x, 1))  # (B, n or 1, Di)
+        if r not in spatial_kv:
+            kv = encode_observation(p, ops.expand_dims(x, 1))  # (B, 1, Di)
+        elif x is None:
+            kv = spatial_kv[r]  # (B, n, Di)
+        else:
+            kv = ops.concat([spatial_kv[r], ops.expand_dims(layer_norm(p["kv_ln"], x), 1)], 1)  # (B, n + 1, Di)
         s, _ = run_ticks(p, b, rc, kv, s, restart_sync=restart_sync)
         regions.append(s)
 

@@ -94,10 +94,12 @@ class RegionalConfig:
 
     Spatial input: with ``spatial_tokens = n > 0`` the observation is a set of n tokens
     (B, n, raw_obs_dim), such as the cells of an image. Each region listed in ``spatial_regions``
-    attends over all n tokens (its ``kv_proj`` maps raw_obs_dim -> Di), plus a fixed 2-D sinusoidal
-    position code when ``spatial_position_code`` is set; like the reference's spatial regions, it
-    ignores its incoming connections (their weights get zero gradient). Every flat consumer
-    (connections that receive the observation, ``obs_proj``) reads token 0.
+    attends over all n tokens (its ``kv_proj`` maps raw_obs_dim -> Di), with a fixed 2-D
+    sinusoidal position code added when ``spatial_position_code`` is set. When connections (or
+    the router) feed a spatial region, their summed input joins the tokens as one more key/value
+    token, so loops through the region stay closed; the reference's spatial regions drop that
+    input instead. Every flat consumer (connections that receive the observation, ``obs_proj``)
+    reads token 0.
     """
 
     regions: tuple[CtmConfig, ...]

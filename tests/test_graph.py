@@ -474,8 +474,8 @@ def test_spatial_brain_reads_every_token():
         brain_forward_tokens(params, buffers, cfg, np.zeros((1, 2), np.int64))
 
 
-def test_spatial_region_without_edges_reads_tokens_only():
-    # Region 1 has no incoming connection; as a spatial region it no longer reads obs_proj.
+def test_unconnected_spatial_region_reads_tokens():
+    # Region 1 has no incoming connection, so as a spatial region it does not read obs_proj.
     cfg = tiny_config().replace(spatial_tokens=6, spatial_regions=(1,))
     assert cfg.unconnected_regions == []
     params, buffers = init_brain(cfg)
@@ -492,7 +492,7 @@ def test_spatial_region_without_edges_reads_tokens_only():
     assert np.abs(grads["regions"][1]["q_proj"]["w"]).max() > 1e-8
 
 
-def test_spatial_region_keeps_edge_token():
+def test_spatial_region_keeps_edge_input():
     cfg = spatial_config()
     params, buffers = init_brain(cfg)
     params = float64_params(params, np.random.default_rng(12))
@@ -534,7 +534,7 @@ def test_spatial_gradients_match_finite_differences(outer_ticks):
         return ops.sum(logits * weights)
 
     _, (grads, obs_grad) = mg.value_and_grad(loss, argnums=(0, 1))(params, obs)
-    # The edge into the spatial region is its extra token; its query matters, unlike a one-token region's.
+    # The edge into the spatial region feeds its extra token, and its query matters, unlike a one-token region's.
     assert np.abs(grads["edges"][0]["w"]).max() > 1e-8
     assert np.abs(grads["regions"][0]["q_proj"]["w"]).max() > 1e-8
     assert np.abs(obs_grad[:, 1:]).max() > 1e-8

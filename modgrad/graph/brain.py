@@ -123,8 +123,8 @@ def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dic
     """Run every region for one outer tick, then update the global sync. -> (state, logits (B, out_dims)).
 
     spatial_kv maps each spatial region to its encoded observation tokens (B, n, Di). A spatial
-    region with an input from other regions attends over those tokens plus the input as one more
-    token: the input is already a learned projection, so it only goes through the region's kv_ln.
+    region with an input from other regions attends over those tokens plus that input as one more
+    token. The input is already a learned projection, so it passes through the region's kv_ln only.
     """
     spatial_kv = spatial_kv or {}
     outputs = [s["z"] for s in state["regions"]]

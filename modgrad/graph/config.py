@@ -97,7 +97,7 @@ class RegionalConfig:
     attends over all n tokens (its ``kv_proj`` maps raw_obs_dim -> Di), with a fixed 2-D
     sinusoidal position code added when ``spatial_position_code`` is set. When connections (or
     the router) feed a spatial region, their summed input joins the tokens as one more key/value
-    token, so loops through the region stay closed; the reference's spatial regions drop that
+    token, so loops through the region stay closed. The reference's spatial regions drop that
     input instead. Every flat consumer (connections that receive the observation, ``obs_proj``)
     reads token 0.
     """

@@ -1,6 +1,13 @@
 """Brains: CTM regions joined by connection synapses or a router, read out by a global synchronisation."""
 
 from modgrad.graph.brain import brain_forward_tokens, brain_step, embed_tokens, init_brain_state
+from modgrad.graph.cerebellum import (
+    CerebellumConfig,
+    cerebellum_forward_tokens,
+    cerebellum_offsets,
+    encode_context,
+    init_cerebellum,
+)
 from modgrad.graph.computer import NeuralComputer
 from modgrad.graph.config import (
     PRESETS,
@@ -15,6 +22,7 @@ from modgrad.graph.config import (
     four_region,
     preset,
 )
+from modgrad.graph.session import RegionalAdamW, RegionalGradients, RegionalWeights, regional_train_token
 from modgrad.graph.weights import (
     ParamSpec,
     buffer_shapes,
@@ -29,7 +37,10 @@ __all__ = [
     "Connection",
     "NeuralComputer",
     "ParamSpec",
+    "RegionalAdamW",
     "RegionalConfig",
+    "RegionalGradients",
+    "RegionalWeights",
     "RouterConfig",
     "brain_forward_tokens",
     "buffer_shapes",
@@ -47,4 +58,10 @@ __all__ = [
     "init_brain_state",
     "param_shapes",
     "preset",
+    "regional_train_token",
+    "CerebellumConfig",
+    "cerebellum_forward_tokens",
+    "cerebellum_offsets",
+    "encode_context",
+    "init_cerebellum",
 ]

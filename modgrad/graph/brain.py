@@ -119,15 +119,24 @@ def routed_inputs(params: dict, cfg: RegionalConfig, obs, outputs: list, gs, tic
 
 
 def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dict, tick_embed, restart_sync: bool,
-               spatial_kv: dict | None = None):
+               spatial_kv: dict | None = None, output_offsets: dict | None = None):
     """Run every region for one outer tick, then update the global sync. -> (state, logits (B, out_dims)).
 
     spatial_kv maps each spatial region to its encoded observation tokens (B, n, Di). A spatial
     region with an input from other regions attends over those tokens plus that input as one more
     token. The input is already a learned projection, so it passes through the region's kv_ln only.
+
+    output_offsets maps a region to a (B, D_r) value added to its output where other parts of the
+    brain read it: the connection (or router) inputs and the global sync. The region's own state
+    does not include it.
     """
     spatial_kv = spatial_kv or {}
-    outputs = [s["z"] for s in state["regions"]]
+    offsets = output_offsets or {}
+
+    def region_output(r: int, region_state: dict):
+        return region_state["z"] + offsets[r] if r in offsets else region_state["z"]
+
+    outputs = [region_output(r, s) for r, s in enumerate(state["regions"])]
     if cfg.router is None:
         inputs = connection_inputs(params, cfg, obs, outputs)
     else:
@@ -144,7 +153,7 @@ def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dic
         s, _ = run_ticks(p, b, rc, kv, s, restart_sync=restart_sync)
         regions.append(s)
 
-    activations = ops.concat([s["z"] for s in regions], -1)  # (B, sum D)
+    activations = ops.concat([region_output(r, s) for r, s in enumerate(regions)], -1)  # (B, sum D)
     rho = decay_rate(params["global_decay"])  # (S,)
     alpha = rho * state["global_alpha"] + pair_products(activations, buffers["global_left"], buffers["global_right"])
     beta = rho * state["global_beta"] + 1.0
@@ -201,12 +210,14 @@ def split_observation(params: dict, cfg: RegionalConfig, obs):
     return obs[:, 0], kv
 
 
-def brain_step(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dict, restart_sync: bool = False):
+def brain_step(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dict, restart_sync: bool = False,
+               output_offsets: dict | None = None):
     """Run cfg.outer_ticks outer ticks on one observation.
 
     obs: (B, raw_obs_dim), or (B, spatial_tokens, raw_obs_dim) tokens for a spatial brain.
     restart_sync: re-initialise every region's sync accumulators at each region call (the
     reference's inference semantics); by default they continue across outer ticks and calls.
+    output_offsets: {region: (B, D_r)} added to region outputs at every outer tick (see outer_tick).
     Returns (logits (B, K, out_dims), new_state).
     """
     obs, spatial_kv = split_observation(params, cfg, obs)
@@ -217,12 +228,12 @@ def brain_step(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dic
         logits = []
         for t in range(k):
             embed = tick_embeds[t] if tick_embeds is not None else None
-            state, pred = outer_tick(params, buffers, cfg, obs, state, embed, restart_sync, spatial_kv)
+            state, pred = outer_tick(params, buffers, cfg, obs, state, embed, restart_sync, spatial_kv, output_offsets)
             logits.append(pred)
         return ops.stack(logits, 1), state
 
     def body(carry, embed):
-        return outer_tick(params, buffers, cfg, obs, carry, embed, restart_sync, spatial_kv)
+        return outer_tick(params, buffers, cfg, obs, carry, embed, restart_sync, spatial_kv, output_offsets)
 
     state, logits = ops.scan(body, state, xs=tick_embeds, length=None if tick_embeds is not None else k)
     return ops.transpose(logits, (1, 0, 2)), state  # (B, K, out_dims)

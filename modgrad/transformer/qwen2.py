@@ -61,6 +61,24 @@ def prefill_forward(params: dict, ids, positions, logit_rows, cfg: Qwen2Config):
     return logits, keys, values
 
 
+def hidden_states(params: dict, ids, positions, cfg: Qwen2Config):
+    """Compute the residual stream after every decoder layer, (layers, B, T, D).
+
+    The last layer's output also passes the final RMSNorm. These are the ``hidden_states[1:]`` of
+    transformers' Qwen2Model with ``output_hidden_states=True`` (checked with transformers 5.25).
+    """
+    h = embed(params, ids)  # (B, T, D)
+    cos, sin = rotary_tables(positions, cfg)  # (T, hd)
+
+    def layer_step(h, layer):
+        h, _, _ = decoder_layer(layer, h, cos, sin, positions, cfg)
+        return h, h
+
+    _, states = ops.scan(layer_step, h, params["layers"])  # (layers, B, T, D)
+    last = rms_norm(states[-1], params["norm"], cfg.rms_norm_eps)  # (B, T, D)
+    return ops.concat([states[:-1], ops.expand_dims(last, 0)], axis=0)
+
+
 def decode_forward(params: dict, ids, position, past_keys, past_values, cfg: Qwen2Config):
     """Run one new token per row after L cached ones; return logits (B, V) and its k, v (layers, 1, B, n_kv, hd).
 
@@ -77,6 +95,37 @@ def decode_forward(params: dict, ids, position, past_keys, past_values, cfg: Qwe
     h, (keys, values) = ops.scan(layer_step, h, (params["layers"], past_keys, past_values))
     logits = rms_norm(h, params["norm"], cfg.rms_norm_eps) @ params["lm_head"]  # (B, 1, V)
     return ops.squeeze(logits, 1), keys, values
+
+
+def init_params(cfg: Qwen2Config, seed: int = 0, std: float = 0.02) -> dict:
+    """Draw random float32 weights, in the tree layout ``load_qwen2`` returns, for training from scratch.
+
+    Matrices and embeddings are N(0, std^2), except the two projections that write into the residual
+    stream (o_w, down_w), which use std / sqrt(2 * layers) as GPT-2 does. Biases are 0 and norm scales 1.
+    """
+    rng = np.random.default_rng(seed)
+    n, d, i, qkv = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.q_size + 2 * cfg.kv_size
+    residual_std = std / np.sqrt(2.0 * n)
+
+    def normal(shape, scale):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    params = {
+        "layers": {
+            "ln1": np.ones((n, d), np.float32),
+            "qkv_w": normal((n, d, qkv), std),
+            "qkv_b": np.zeros((n, qkv), np.float32),
+            "o_w": normal((n, cfg.q_size, d), residual_std),
+            "ln2": np.ones((n, d), np.float32),
+            "gate_up_w": normal((n, d, 2 * i), std),
+            "down_w": normal((n, i, d), residual_std),
+        },
+        "norm": np.ones(d, np.float32),
+        "lm_head": normal((d, cfg.vocab_size), std),  # (D, V)
+    }
+    if not cfg.tie_word_embeddings:
+        params["embed"] = normal((cfg.vocab_size, d), std)  # (V, D)
+    return params
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,6 +238,7 @@ class Qwen2:
         self.device = device
         self._prefill: Callable = self._prefill_numpy
         self._decode: Callable = self._decode_numpy
+        self._hidden_states: Callable | None = None  # built on first use: most callers never need it
         if device != "numpy":
             self._compile(device)
 
@@ -246,6 +296,28 @@ class Qwen2:
         positions = np.arange(t, dtype=np.int64)
         logits, _, _ = self._prefill(self.params, ids, positions, positions)
         return np.asarray(logits)
+
+    def hidden_states(self, input_ids) -> np.ndarray:
+        """Compute the hidden states (layers, B, T, D) of ``input_ids`` (B, T) as float32 numpy.
+
+        Layer l is the residual stream after decoder layer l; the last one has the final RMSNorm applied.
+        """
+        ids = self._check_ids(input_ids)
+        positions = np.arange(ids.shape[1], dtype=np.int64)
+        if self._hidden_states is None:
+            cfg = self.config
+
+            def qwen2_hidden_states(params, ids, positions):
+                return hidden_states(params, ids, positions, cfg)
+
+            if self.device == "numpy":
+                self._hidden_states = qwen2_hidden_states
+            else:
+                import modgrad as mg
+
+                dims = (None, ("B", "T"), ("T",))
+                self._hidden_states = mg.compile(qwen2_hidden_states, device=self.device, dims=dims)
+        return np.asarray(self._hidden_states(self.params, ids, positions))
 
     def prefill(self, input_ids, capacity: int | None = None) -> tuple[np.ndarray, KVCache]:
         """Run the prompt (B, T); return the last position's logits (B, V) and the filled cache."""

@@ -16,7 +16,7 @@ from max.graph import DeviceRef, TensorValue, ops
 LOWERINGS: dict[str, Callable] = {}
 
 # Part of the compiled-program cache key: bump it whenever a lowering changes what it emits.
-LOWERING_VERSION = 2
+LOWERING_VERSION = 4
 
 _DTYPES = {
     np.dtype(np.float32): DType.float32,
@@ -47,6 +47,9 @@ def lowering(name: str):
 
 def constant(array: np.ndarray, device: DeviceRef) -> TensorValue:
     arr = np.asarray(array, order="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
+    if arr.ndim == 0:
+        # ops.constant gives a 0-d numpy array the shape (1,) but keeps a Python scalar 0-d.
+        return ops.constant(arr.item(), to_max_dtype(arr.dtype), device)
     return ops.constant(arr, to_max_dtype(arr.dtype), device)
 
 

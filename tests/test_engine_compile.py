@@ -432,8 +432,6 @@ def test_symbolic_size_from_unused_argument():
 
 
 @pytest.mark.max
-@pytest.mark.xfail(strict=True, reason="MAX ops.constant turns a 0-d numpy array into shape (1,), so a 0-d "
-                   "value times a Python scalar compiles to shape (1,)")
 def test_scalar_times_constant_stays_0d():
     fn = mg.compile(lambda x: (ops.mul(ops.sum(x), 0.5), ops.add(ops.sum(x), 1.0)), device="cpu")
     scaled, shifted = fn(np.ones(3, np.float32))
@@ -441,3 +439,21 @@ def test_scalar_times_constant_stays_0d():
     assert np.shape(shifted) == ()
     assert float(scaled) == 1.5
     assert float(shifted) == 4.0
+
+
+@pytest.mark.max
+def test_innermost_reduction_of_broadcast():
+    """Reductions over the innermost axis of a value broadcast along an outer axis."""
+
+    def fn(x, row):
+        wide = ops.broadcast_to(x, (ops.shape_of(x)[0], 5, 5))  # (B, 5, 5) from (B, 1, 5)
+        rows = ops.broadcast_to(row, (4, 5))  # (4, 5) from (1, 5)
+        return (ops.sum(wide, -1), ops.max(wide * 2.0, -1), ops.argmax(wide, -1),
+                ops.sum(rows, 1), ops.sum(wide - ops.max(wide, -1, keepdims=True), -1))
+
+    compiled = mg.compile(fn, device="cpu", dims=(("B", 1, 5), None))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 1, 5)).astype(np.float32)
+    row = rng.standard_normal((1, 5)).astype(np.float32)
+    for got, want in zip(compiled(x, row), fn(x, row)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -275,9 +275,7 @@ def test_recurrent_new_length_does_not_recompile(compiled_recurrent, rng):
 @pytest.mark.slow
 @pytest.mark.parametrize("host_glue", [
     pytest.param(None, id="default"),
-    pytest.param(False, id="all_graphs", marks=pytest.mark.xfail(
-        strict=True, reason="the compiled loss `ce + 0.1 * mean(...)` comes back with shape (1,): MAX "
-        "ops.constant turns a 0-d numpy constant into shape (1,)")),
+    pytest.param(False, id="all_graphs"),
 ])
 def test_recurrent_dense_compiled_matches_torch(host_glue, rng):
     """The dense cell; host_glue=False compiles the parts around the loops to MAX graphs as well."""

@@ -255,15 +255,63 @@ def _segment_graph(seg: Segment, device: str, name: str):
 
     _, _, ref = _runtime(device)
     types = [TensorType(to_max_dtype(v.dtype), list(v.shape), device=ref) for v in seg.inputs]
+    broadcasts = _broadcast_values(seg)
     with Graph(name, input_types=types) as graph:
         env = {v.uid: g.tensor for v, g in zip(seg.inputs, graph.inputs)}
         for node in seg.nodes:
             args = [env[x.uid] if isinstance(x, Value) else x for x in node.inputs]
-            outs = lower(node.prim.name, args, node.attrs, ref)
+            attrs = node.attrs
+            if node.prim.name in _REDUCTIONS and isinstance(node.inputs[0], Value) and node.inputs[0].uid in broadcasts:
+                attrs = {**attrs, "broadcast_input": True}
+            outs = lower(node.prim.name, args, attrs, ref)
             for v, o in zip(node.outputs, outs):
                 env[v.uid] = o
         graph.output(*[env[v.uid] for v in seg.outputs])
     return graph
+
+
+_REDUCTIONS = {"reduce_sum", "reduce_max", "argmax"}
+# Ops whose result we expect MAX to compute into a buffer of its own rather than fuse into its consumer.
+_MATERIALISING = _REDUCTIONS | {"matmul", "size_of", "take", "take_add"}
+
+
+def _broadcast_values(seg: Segment) -> set[int]:
+    """Return the uids of values that MAX may fuse into a reduction as a broadcast along an outer axis.
+
+    MAX 26.7 reduces the innermost axis of such an input wrongly (see ``modgrad.graphs.reduce``),
+    so reductions of these values take a slower, correct lowering. A broadcast along the innermost
+    axis only, as in ``x - max(x, -1)``, reduces correctly and keeps the fast lowering until an op
+    that moves axes (reshape, transpose) takes it.
+    """
+    outer: set[int] = set()
+    inner: set[int] = set()  # broadcast along the innermost axis only
+    for node in seg.nodes:
+        name = node.prim.name
+        if name in _MATERIALISING:
+            continue
+        out = tuple(node.outputs[0].shape)
+        elementwise = node.prim.shape_rule.__module__.endswith(".elementwise")
+        kinds: set[str] = set()
+        for x in node.inputs:
+            uid = x.uid if isinstance(x, Value) else None
+            if uid in outer:
+                kinds.add("outer")
+            elif uid in inner:
+                kinds.add("inner" if elementwise else "outer")
+            shape = tuple(x.shape) if isinstance(x, Value) else np.shape(x)
+            if not (elementwise or name == "broadcast_to") or not shape:
+                continue  # a 0-d value broadcasts correctly
+            padded = (1,) * (len(out) - len(shape)) + shape
+            axes = [i for i, (a, b) in enumerate(zip(padded, out)) if a == 1 and b != 1]
+            if any(i < len(out) - 1 for i in axes):
+                kinds.add("outer")
+            elif axes:
+                kinds.add("inner")
+        if "outer" in kinds:
+            outer.update(o.uid for o in node.outputs)
+        elif "inner" in kinds:
+            inner.update(o.uid for o in node.outputs)
+    return outer
 
 
 def _segment_key(seg: Segment, device: str) -> str:
@@ -411,10 +459,6 @@ class CompiledFunction:
         start = time.perf_counter()
         has_loops = any(n.prim.name == "scan" for n in program.nodes)
         # Default: on the CPU, numpy runs the glue around loops; a loop-free program compiles whole.
-        # TODO: with host_glue=False the CTM train step's compiled glue segments give wrong
-        # gradients for some parameter (loss correct; tests/test_ctm.py::test_compiled_glue_gradients
-        # reproduces it, marked xfail). Every op's compiled VJP passes on its own, so the fault is
-        # in an op combination not yet isolated. GPU programs compile their glue and are affected.
         host_glue = self.host_glue if self.host_glue is not None else (self.device == "cpu" and has_loops)
         plan = Plan(program, self.device, name=self.name, host_glue=host_glue)
         log.debug("prepared %s for %s in %.1f s", self.name, self.device, time.perf_counter() - start)

@@ -27,7 +27,7 @@ from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType, ops
 
-from graphs import kernels
+from modgrad.graphs import kernels
 from modgrad.kernels import adamw_hyper, reference
 
 pytestmark = pytest.mark.max

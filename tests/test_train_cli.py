@@ -33,7 +33,7 @@ from modgrad.data import (
 from modgrad.train import PRESET_NAMES, TrainConfig, Trainer, TrainError
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = Path(os.environ.get("MODGRAD_TEXT_CORPUS", REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+CORPUS = Path(os.environ.get("MODGRAD_TEXT_CORPUS", REPO / "modgrad" / "corpus" / "tinyshakespeare.txt"))
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from modgrad.kernels.adamw import adamw_hyper
 try:  # installed wheel
     from modgrad.graphs import kernels as graph_kernels
 except ImportError:  # source checkout, repository root on sys.path
-    from graphs import kernels as graph_kernels
+    from modgrad.graphs import kernels as graph_kernels
 
 F32, I32, BF16 = DType.float32, DType.int32, DType.bfloat16
 

@@ -67,7 +67,7 @@ def main() -> None:
         logp = ops.log_softmax(preds, -1)
         return -ops.mean(ops.sum(logp * ops.expand_dims(ops.one_hot(y, cfg.out_dims), 1), -1))
 
-    opt = AdamW(lr=1e-4)
+    opt = AdamW(lr=1e-4, weight_decay=0.0)  # as the torch peer below
 
     def train_step(p, s, x, y):
         loss, grads = mg.value_and_grad(loss_fn)(p, x, y)

@@ -15,9 +15,7 @@ two renames) is detected on load instead of being silently mixed.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from modgrad.engine.pytree import tree_flatten, tree_map, tree_unflatten
+from modgrad.files import atomic_write
 from modgrad.graph import ParamSpec, RegionalConfig, param_shapes
 
 FORMAT = "modgrad-checkpoint"
@@ -144,21 +143,7 @@ def check_shapes(tree, expected: dict[str, tuple], what: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path``; remove the temporary file on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# Saving
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> dict[str, Path]:
@@ -169,10 +154,10 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> dict[str, Path]:
 
     if ckpt.opt_state is not None:
         opt_flat = flatten_tree(ckpt.opt_state)
-        _atomic_write(paths["optimizer"], lambda tmp: save_file(opt_flat, tmp, metadata=meta))
+        atomic_write(paths["optimizer"], lambda tmp: save_file(opt_flat, tmp, metadata=meta))
 
     weights = {**flatten_tree(ckpt.params, "params/"), **flatten_tree(ckpt.buffers, "buffers/")}
-    _atomic_write(paths["weights"], lambda tmp: save_file(weights, tmp, metadata=meta))
+    atomic_write(paths["weights"], lambda tmp: save_file(weights, tmp, metadata=meta))
 
     document = {
         "format": FORMAT,
@@ -188,7 +173,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> dict[str, Path]:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _atomic_write(paths["config"], write_json)
+    atomic_write(paths["config"], write_json)
     return paths
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from modgrad.checkpoint import (
 from modgrad.ctm.config import CtmConfig, ExitStrategy
 from modgrad.engine.compile import DEVICES, _to_host
 from modgrad.engine.pytree import tree_map
+from modgrad.files import atomic_write
 from modgrad.data import Corpus, VOCAB_BYTES, WindowSampler, bigram_baseline, held_out_windows
 from modgrad.graph import PRESETS as BRAIN_PRESETS
 from modgrad.graph import RegionalConfig, brain_forward_tokens, init_brain
@@ -425,16 +424,10 @@ def plot_losses(history: dict, baseline: float, path: str | Path, title: str = "
     ax.legend()
     fig.tight_layout()
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 __all__ = [

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from modgrad import ops
+from modgrad.files import atomic_write
 from modgrad.graph.brain import brain_step, init_brain_state
 from modgrad.graph.config import RegionalConfig
 
@@ -56,19 +56,6 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     """The JSON file saved beside the arrays: ``x.safetensors`` -> ``x.json``, other names get ``.json`` appended."""
     path = Path(path)
     return path.with_suffix(".json") if path.suffix == ".safetensors" else path.with_name(path.name + ".json")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class NeuralComputer:
@@ -239,8 +226,8 @@ class NeuralComputer:
             "max_history": self.max_history,
             "config": self.cfg.to_dict(),
         }
-        _atomic_write(path, lambda tmp: save_file(arrays, tmp))
-        _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+        atomic_write(path, lambda tmp: save_file(arrays, tmp))
+        atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(json.dumps(meta)))
         log.info("saved neural computer state to %s (%d tokens of history)", path, len(self.history))
 
     def load(self, path: str | os.PathLike) -> None:

@@ -12,6 +12,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from modgrad.files import atomic_write
+
 from modgrad.mazes.generate import ROUTE_LEN, Maze, route_targets, trace_moves
 from modgrad.mazes.metrics import prefix_lengths
 
@@ -57,6 +59,4 @@ def save_maze_png(path: str | Path, maze: Maze, predicted: np.ndarray | None = N
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png", dpi=dpi)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))

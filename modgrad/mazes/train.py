@@ -35,6 +35,7 @@ import numpy as np
 
 import modgrad as mg
 from modgrad import ops
+from modgrad.files import atomic_write
 from modgrad.ctm.config import CtmConfig, ExitStrategy
 from modgrad.ctm.model import certainty, ctm_forward
 from modgrad.ctm.weights import count_params, init_ctm
@@ -530,17 +531,13 @@ def render_predictions(path: str | Path, heldout: MazeBatch, moves: np.ndarray, 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.02, right=0.98, top=0.92 if title else 0.96, bottom=0.08, hspace=0.45, wspace=0.05)
-    path = Path(path)
-    fig.savefig(path, format="png", dpi=90)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 
 
 def save_history(path: str | Path, run: MazeRun) -> Path:
     """Write the run's settings, history and result line as JSON."""
-    path = Path(path)
     record = {"config": run.config.to_dict(), "summary": run.summary(), "history": run.history}
-    path.write_text(json.dumps(record))
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record)))
 
 
 def plot_curves(path: str | Path, histories: list[str | Path], baselines: dict[str, dict] | None = None) -> Path:
@@ -576,9 +573,7 @@ def plot_curves(path: str | Path, histories: list[str | Path], baselines: dict[s
     step_ax.set(title="held-out per-step accuracy (20 moves)", xlabel="step", ylim=(0, 1.0))
     loss_ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png", dpi=90)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Writing files so that a reader never sees a partial one."""
+"""Atomic file writes: a reader sees the old file or the whole new one, never a partial one."""
 
 from __future__ import annotations
 

@@ -8,7 +8,9 @@ Prints one JSON line per measurement, starting with the machine:
 
 Then one line per kernel and shape with ``time_us`` for ``mojo`` (our custom op in a MAX
 graph), ``max_ops`` (the same math written with ``max.graph.ops``), ``numpy`` and ``torch``
-(CPU, eager): medians, and in ``min_time_us`` the fastest run. The achieved GB/s counts
+(CPU, eager): medians, and in ``min_time_us`` the fastest run. The ``fused`` family times
+the engine's fused ops (``ops.nlm_glu``, ``ops.sync_update`` and their gradients) as
+``modgrad.compile`` lowers them, with the kernel on (``mojo``) and off (``max_ops``). The achieved GB/s counts
 compulsory bytes: every input read once, every output written once. GB/s, GFLOP/s, the
 fraction of the copy bandwidth and the machine figures all come from the fastest runs,
 because on a machine shared with other work the fastest run is the better estimate.
@@ -46,6 +48,8 @@ from max.engine import InferenceSession  # noqa: E402
 from max.graph import DeviceRef, Graph, TensorType, TensorValue, ops  # noqa: E402
 
 from graphs import kernels  # noqa: E402
+from modgrad.engine.prims import fused  # noqa: E402
+from modgrad.graphs import lower  # noqa: E402
 from modgrad.kernels import adamw_hyper, reference  # noqa: E402
 
 try:
@@ -327,6 +331,93 @@ def _nlm_backward_torch(trace, weight, bias, grad_output):
     return d_trace, d_weight, d_pre.sum(0)
 
 
+def fused_cases(rng) -> list[Case]:
+    """Build cases of the engine's fused ops as ``modgrad.compile`` lowers them.
+
+    ``mojo`` is the lowering with the kernel on and ``max_ops`` the one with it off, so the
+    two columns compare the settings of ``modgrad.compile(kernels=...)``. The first shape of
+    each op is the maze CTM's: D 512, B 16, M 25, H 32 and 32 sync pairs.
+    """
+    cases = []
+    for batch, neurons, memory, hidden in [(16, 512, 25, 32), (1, 512, 25, 32), (64, 512, 25, 32)]:
+        trace = _f32(rng, neurons, batch, memory)  # (D, B, M), the CTM's layout
+        weight = _f32(rng, neurons, memory, 2 * hidden) / np.float32(np.sqrt(memory))
+        bias = _f32(rng, neurons, 2 * hidden)
+        grad_output = _f32(rng, neurons, batch, hidden)
+        shape = dict(D=neurons, B=batch, M=memory, H=hidden)
+        # The engine's shape rule makes 2H static, and the composition slices at H.
+        types = [(DType.float32, ["D", "B", "M"]), (DType.float32, ["D", "M", 2 * hidden]),
+                 (DType.float32, ["D", 2 * hidden])]
+        macs = batch * neurons * memory * 2 * hidden
+        cases.append(Case(
+            "fused_nlm_glu", shape, [trace, weight, bias], types,
+            ours=lambda *v: _lower_fused("nlm_glu", v, kernel=True),
+            composition=lambda *v: _lower_fused("nlm_glu", v, kernel=False),
+            numpy_fn=lambda *v: fused.nlm_glu_p.impl(*v),
+            torch_fn=_nlm_glu_torch,
+            bytes=_nbytes(trace, weight, bias) + grad_output.nbytes,
+            flops=2 * macs + 4 * batch * neurons * hidden,
+        ))
+        cases.append(Case(
+            "fused_nlm_glu_backward", shape, [trace, weight, bias, grad_output],
+            types + [(DType.float32, ["D", "B", hidden])],
+            ours=lambda *v: _lower_fused("nlm_glu_backward", v, kernel=True),
+            composition=lambda *v: _lower_fused("nlm_glu_backward", v, kernel=False),
+            numpy_fn=lambda *v: fused.nlm_glu_backward_p.impl(*v),
+            torch_fn=_nlm_glu_backward_torch,
+            bytes=2 * _nbytes(trace, weight, bias) + grad_output.nbytes,
+            flops=6 * macs,
+        ))
+    for batch, neurons, pairs in [(16, 512, 32), (64, 512, 4096)]:
+        z = _f32(rng, batch, neurons)
+        left = rng.integers(0, neurons, pairs)  # int64, as the CTM's pair buffers
+        right = rng.integers(0, neurons, pairs)
+        decay = rng.uniform(0, 1, pairs).astype(np.float32)
+        alpha = _f32(rng, batch, pairs)
+        beta = rng.uniform(0, 4, (batch, pairs)).astype(np.float32)
+        grads = [_f32(rng, batch, pairs) for _ in range(3)]
+        shape = dict(B=batch, D=neurons, S=pairs)
+        types = [(DType.float32, ["B", "D"]), (DType.int64, ["S"]), (DType.int64, ["S"]),
+                 (DType.float32, ["S"]), (DType.float32, ["B", "S"]), (DType.float32, ["B", "S"])]
+        forward_inputs = [z, left, right, decay, alpha, beta]
+        cases.append(Case(
+            "fused_sync_update", shape, forward_inputs, types,
+            ours=lambda *v: _lower_fused("sync_update", v, kernel=True),
+            composition=lambda *v: _lower_fused("sync_update", v, kernel=False),
+            numpy_fn=lambda *v: fused.sync_update_p.impl(*v),
+            torch_fn=_sync_torch,
+            bytes=_nbytes(*forward_inputs) + 3 * alpha.nbytes,
+            flops=5 * batch * pairs,
+        ))
+        backward_inputs = forward_inputs + grads
+        cases.append(Case(
+            "fused_sync_update_backward", shape, backward_inputs, types + [(DType.float32, ["B", "S"])] * 3,
+            ours=lambda *v: _lower_fused("sync_update_backward", v, kernel=True),
+            composition=lambda *v: _lower_fused("sync_update_backward", v, kernel=False),
+            numpy_fn=lambda *v: fused.sync_update_backward_p.impl(*v),
+            torch_fn=_sync_backward_torch,
+            bytes=_nbytes(*backward_inputs) + z.nbytes + decay.nbytes + 2 * alpha.nbytes,
+            flops=20 * batch * pairs,
+        ))
+    return cases
+
+
+def _lower_fused(name: str, values, kernel: bool) -> list[TensorValue]:
+    return lower(name, list(values), {"kernel": kernel}, values[0].device)
+
+
+def _nlm_glu_torch(trace, weight, bias):
+    return torch.nn.functional.glu(torch.bmm(trace, weight) + bias[:, None, :], dim=-1)
+
+
+def _nlm_glu_backward_torch(trace, weight, bias, grad_output):
+    pre = torch.bmm(trace, weight) + bias[:, None, :]
+    value, gate = pre.chunk(2, dim=-1)
+    gate = torch.sigmoid(gate)
+    d_pre = torch.cat([grad_output * gate, grad_output * value * gate * (1 - gate)], dim=-1)
+    return torch.bmm(d_pre, weight.transpose(1, 2)), torch.bmm(trace.transpose(1, 2), d_pre), d_pre.sum(1)
+
+
 def matvec_cases(rng) -> list[Case]:
     cases = []
     for batch, inner, columns in [(1, 4096, 4096), (8, 4096, 4096), (1, 896, 4864)]:
@@ -450,6 +541,7 @@ def _mha_torch(q, k, v):
 CASES: dict[str, Callable[[np.random.Generator], list[Case]]] = {
     "sync_update": sync_cases,
     "nlm": nlm_cases,
+    "fused": fused_cases,
     "matvec": matvec_cases,
     "adamw_fused": adamw_cases,
     "mha_single_query": mha_cases,

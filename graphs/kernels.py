@@ -148,45 +148,46 @@ def _check_pair_inputs(
 
 
 def nlm_forward(
-    trace: TensorValue,  # (B, D, M)
+    trace: TensorValue,  # (B, D, M), or (D, B, M) when neuron_major
     weight: TensorValue,  # (D, M, 2H)
     bias: TensorValue,  # (D, 2H)
+    neuron_major: bool = False,
 ) -> TensorValue:
     """Apply each neuron's linear map to its trace window and a GLU; return (B, D, H).
 
     ``pre = einsum("bdm,dmo->bdo", trace, weight) + bias``, then
-    ``pre[..., :H] * sigmoid(pre[..., H:])``.
+    ``pre[..., :H] * sigmoid(pre[..., H:])``. With ``neuron_major`` the trace is (D, B, M)
+    and the result (D, B, H).
     """
-    op_name = "nlm_forward"
+    op_name = "nlm_forward_neuron_major" if neuron_major else "nlm_forward"
     _check_nlm_inputs(op_name, trace, weight, bias)
-    batch, neurons = trace.shape[0], trace.shape[1]
-    (output,) = _custom(
-        op_name, [trace, weight, bias], [_f32(trace, [batch, neurons, weight.shape[2] // 2])]
-    )
+    rows = [trace.shape[0], trace.shape[1]]
+    (output,) = _custom(op_name, [trace, weight, bias], [_f32(trace, rows + [weight.shape[2] // 2])])
     return output
 
 
 def nlm_backward(
-    trace: TensorValue,  # (B, D, M)
+    trace: TensorValue,  # (B, D, M), or (D, B, M) when neuron_major
     weight: TensorValue,  # (D, M, 2H)
     bias: TensorValue,  # (D, 2H)
-    grad_output: TensorValue,  # (B, D, H)
+    grad_output: TensorValue,  # (B, D, H), or (D, B, H) when neuron_major
+    neuron_major: bool = False,
 ) -> tuple[TensorValue, TensorValue, TensorValue]:
     """Return the gradients ``(d_trace, d_weight, d_bias)`` of :func:`nlm_forward`."""
-    op_name = "nlm_backward"
+    op_name = "nlm_backward_neuron_major" if neuron_major else "nlm_backward"
     _check_nlm_inputs(op_name, trace, weight, bias)
     _check_rank(op_name, "grad_output", grad_output, 3)
     _check_dtype(op_name, "grad_output", grad_output, (DType.float32,))
-    batch, neurons, memory = trace.shape
-    outputs = weight.shape[2]
+    rows = [trace.shape[0], trace.shape[1]]
+    neurons, memory, outputs = weight.shape
     d_trace, d_weight, d_bias, _ = _custom(
         op_name,
         [trace, weight, bias, grad_output],
         [
-            _f32(trace, [batch, neurons, memory]),
+            _f32(trace, rows + [memory]),
             _f32(trace, [neurons, memory, outputs]),
             _f32(trace, [neurons, outputs]),
-            _f32(trace, [batch, neurons, outputs]),  # d_pre, scratch for the kernel
+            _f32(trace, rows + [outputs]),  # d_pre, scratch for the kernel
         ],
     )
     return d_trace, d_weight, d_bias

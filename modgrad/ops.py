@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from modgrad.engine.core import Value, bind, normalize_axes
-from modgrad.engine.prims import control, elementwise as ew, linalg, reduce as red, shape as sh
+from modgrad.engine.prims import control, elementwise as ew, fused, linalg, reduce as red, shape as sh
 from modgrad.engine.prims.control import scan
 
 __all__ = [
@@ -22,7 +22,7 @@ __all__ = [
     "matmul", "max", "maximum", "mean", "min", "minimum", "mul", "neg", "one_hot", "ones", "pow", "relu",
     "reshape", "rms_norm", "rsqrt", "scan", "sigmoid", "silu", "sin", "slice_axis", "softmax", "sqrt",
     "square", "squeeze", "stack", "stop_gradient", "sub", "sum", "tanh", "transpose", "var", "where",
-    "zeros", "glu", "shape_of", "dtype_of",
+    "zeros", "glu", "nlm_glu", "sync_update", "shape_of", "dtype_of",
 ]
 
 
@@ -349,3 +349,29 @@ def glu(x, axis: int = -1):
         raise ValueError(f"glu needs an even static size on axis {axis}, got {n}")
     k = n // 2
     return mul(slice_axis(x, axis, 0, k), sigmoid(slice_axis(x, axis, k, n)))
+
+
+def nlm_glu(trace, w, b):
+    """Apply each neuron's own linear map to its trace window, then a GLU on the last axis.
+
+    trace (D, B, M), w (D, M, 2H), b (D, 2H) -> (D, B, H). Computes
+    ``glu(matmul(trace, w) + expand_dims(b, 1))`` as one op. Compiled float32 programs run it
+    and its gradient as Mojo kernels unless kernels are switched off (see ``modgrad.compile``).
+    """
+    trace = trace if isinstance(trace, Value) else np.asarray(trace)
+    w = w if isinstance(w, Value) else np.asarray(w)
+    b = b if isinstance(b, Value) else np.asarray(b)
+    return bind(fused.nlm_glu_p, trace, w, b)
+
+
+def sync_update(z, left, right, decay, alpha, beta):
+    """Update the decayed pair accumulators of a CTM synchronisation and return (alpha', beta', sync).
+
+    Shapes: z (B, D), the integer neuron indices left and right (S,), decay (S,), alpha and
+    beta (B, S). Computes
+    ``alpha' = decay * alpha + z[:, left] * z[:, right]``, ``beta' = decay * beta + 1`` and
+    ``sync = alpha' / sqrt(beta')``, each (B, S), as one op. Compiled float32 programs run it
+    and its gradient as Mojo kernels unless kernels are switched off (see ``modgrad.compile``).
+    """
+    args = [x if isinstance(x, Value) else np.asarray(x) for x in (z, left, right, decay, alpha, beta)]
+    return tuple(bind(fused.sync_update_p, *args))

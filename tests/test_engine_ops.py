@@ -34,6 +34,7 @@ import modgrad as mg
 from modgrad import ops
 from modgrad.engine.core import PRIMITIVES, ShapeError, Trace, Value, bind, trace_scope
 from modgrad.engine.prims import elementwise as ew
+from modgrad.engine.prims import fused as fu
 from modgrad.engine.prims import reduce as red
 from modgrad.engine.prims import shape as sh
 
@@ -304,6 +305,64 @@ COMPOSITE_CASES = [
     Case("where_scalar_branch", lambda c, x: ops.where(c, x, 0.0), lambda c, x: torch.where(c, x, 0.0),
          lambda r, n, d: [boolean(r, (2, n), d), normal()(r, (2, n), d)]),
 ]
+
+def nlm_glu_inputs(rng, n, dtype):
+    """n neurons, 3 batch rows, a window of 4 and H = 2."""
+    return [normal()(rng, (n, 3, 4), dtype), normal(0.5)(rng, (n, 4, 4), dtype), normal()(rng, (n, 4), dtype)]
+
+
+def nlm_glu_ref(trace, w, b):
+    return torch.nn.functional.glu(torch.bmm(trace, w) + b[:, None, :], dim=-1)
+
+
+def nlm_glu_backward_ours(trace, w, b, grad):
+    return tuple(bind(fu.nlm_glu_backward_p, trace, w, b, grad))
+
+
+def nlm_glu_backward_ref(trace, w, b, grad):
+    with torch.enable_grad():  # the forward checks run the references under no_grad
+        inputs = [x.detach().requires_grad_() for x in (trace, w, b)]
+        return torch.autograd.grad(nlm_glu_ref(*inputs), inputs, grad)
+
+
+def sync_update_inputs(rng, n, dtype):
+    """3 batch rows, n neurons and 5 pairs, one of them a self-pair."""
+    left, right = rng.integers(0, n, 5), rng.integers(0, n, 5)
+    right[0] = left[0]
+    alpha = normal()(rng, (3, 5), dtype)
+    return [normal()(rng, (3, n), dtype), left, right, rng.uniform(0.0, 1.0, 5).astype(dtype), alpha,
+            positive(rng, (3, 5), dtype)]
+
+
+def sync_update_ref(z, left, right, decay, alpha, beta):
+    alpha_new = decay * alpha + z[:, left] * z[:, right]
+    beta_new = decay * beta + 1
+    return alpha_new, beta_new, alpha_new / beta_new.sqrt()
+
+
+def sync_update_backward_ours(z, left, right, decay, alpha, beta, *grads):
+    return tuple(bind(fu.sync_update_backward_p, z, left, right, decay, alpha, beta, *grads))
+
+
+def sync_update_backward_ref(z, left, right, decay, alpha, beta, *grads):
+    with torch.enable_grad():
+        inputs = [x.detach().requires_grad_() for x in (z, decay, alpha, beta)]
+        outs = sync_update_ref(inputs[0], left, right, *inputs[1:])
+        return torch.autograd.grad(outs, inputs, grads)
+
+
+FUSED_CASES = [
+    Case("nlm_glu", ops.nlm_glu, nlm_glu_ref, nlm_glu_inputs, "nlm_glu"),
+    # The backward primitives have no VJP of their own, so their gradients are not checked.
+    Case("nlm_glu_backward", nlm_glu_backward_ours, nlm_glu_backward_ref,
+         lambda r, n, d: nlm_glu_inputs(r, n, d) + [normal()(r, (n, 3, 2), d)], "nlm_glu_backward",
+         differentiable=False),
+    Case("sync_update", ops.sync_update, sync_update_ref, sync_update_inputs, "sync_update"),
+    Case("sync_update_backward", sync_update_backward_ours, sync_update_backward_ref,
+         lambda r, n, d: sync_update_inputs(r, n, d) + [normal()(r, (3, 5), d) for _ in range(3)],
+         "sync_update_backward", differentiable=False),
+]
+PRIMITIVE_CASES += FUSED_CASES
 
 ALL_CASES = PRIMITIVE_CASES + COMPOSITE_CASES
 

@@ -53,9 +53,9 @@ def synapse(p: dict, x):
 
 def nlm(p: dict, trace):
     """Per-neuron models over the trace window. trace (D, B, M) -> activated z (B, D)."""
-    h = ops.glu(ops.matmul(trace, p["stage1"]["w"]) + ops.expand_dims(p["stage1"]["b"], 1))  # (D, B, H) or (D, B, 1)
+    h = ops.nlm_glu(trace, p["stage1"]["w"], p["stage1"]["b"])  # (D, B, H) or (D, B, 1)
     if "stage2" in p:
-        h = ops.glu(ops.matmul(h, p["stage2"]["w"]) + ops.expand_dims(p["stage2"]["b"], 1))  # (D, B, 1)
+        h = ops.nlm_glu(h, p["stage2"]["w"], p["stage2"]["b"])  # (D, B, 1)
     return ops.transpose(ops.squeeze(h, -1), (1, 0))  # (B, D)
 
 
@@ -144,16 +144,14 @@ def run_ticks(params: dict, buffers: dict, cfg: CtmConfig, kv, state: dict, rest
 
     def tick(carry, _):
         trace, z, a_out, b_out, a_act, b_act, s = carry
-        a_act = s * r_action * a_act + pair_products(z, la, ra)  # (B, Sa)
-        b_act = s * r_action * b_act + 1.0
-        q = linear(params["q_proj"], a_act * ops.rsqrt(b_act))  # (B, Di)
+        # While s is 0 (no tick has run yet) the action accumulators start from the pair products.
+        a_act, b_act, s_act = ops.sync_update(z, la, ra, r_action, s * a_act, s * b_act)  # each (B, Sa)
+        q = linear(params["q_proj"], s_act)  # (B, Di)
         o = attend(params, cfg, q, k, v)  # (B, Di)
         a = synapse(params["synapse"], ops.concat([o, z], -1))  # (B, D)
         trace = ops.concat([trace[:, :, 1:], ops.expand_dims(ops.transpose(a, (1, 0)), -1)], -1)  # (D, B, M)
         z = nlm(params["nlm"], trace)  # (B, D)
-        a_out = r_out * a_out + pair_products(z, lo, ro)  # (B, So)
-        b_out = r_out * b_out + 1.0
-        s_out = a_out * ops.rsqrt(b_out)
+        a_out, b_out, s_out = ops.sync_update(z, lo, ro, r_out, a_out, b_out)  # each (B, So)
         return (trace, z, a_out, b_out, a_act, b_act, s * 0.0 + 1.0), s_out
 
     init = (state["trace"], state["z"], alpha_out, beta_out, state["alpha_action"], state["beta_action"], started)

@@ -105,11 +105,19 @@ class Plan:
     one cold graph compile (15-60 s here) per segment for work that numpy does as fast.
     """
 
-    def __init__(self, program: Program, device: str, name: str = "modgrad", host_glue: bool = False):
+    def __init__(
+        self,
+        program: Program,
+        device: str,
+        name: str = "modgrad",
+        host_glue: bool = False,
+        kernels: frozenset[str] = frozenset(),
+    ):
         self.program = program
         self.device = device
         self.name = name
         self.host_glue = host_glue
+        self.kernels = kernels  # fused primitives lowered to Mojo kernels
         self.steps: list[Segment | Loop] = []
         self._cut()
         if device != "numpy":
@@ -171,9 +179,9 @@ class Plan:
         for k, step in enumerate(self.steps):
             if isinstance(step, Loop):
                 body = step.node.attrs["body"]
-                step.body = Plan(body, self.device, name=f"{self.name}_body{k}")
+                step.body = Plan(body, self.device, name=f"{self.name}_body{k}", kernels=self.kernels)
             elif step.outputs and not self.host_glue:
-                step.model = _load_or_compile(step, self.device, f"{self.name}_seg{k}")
+                step.model = _load_or_compile(step, self.device, f"{self.name}_seg{k}", self.kernels)
 
     # ----------------------------------------------------------------------------------------
 
@@ -248,21 +256,26 @@ def _to_runtime(x, device: str):
     return x
 
 
-def _segment_graph(seg: Segment, device: str, name: str):
+def _segment_graph(seg: Segment, device: str, name: str, kernels: frozenset[str] = frozenset()):
     from max.graph import Graph, TensorType
 
     from modgrad.graphs import lower, to_max_dtype
+    from modgrad.graphs.kernels import kernel_library_path
 
     _, _, ref = _runtime(device)
     types = [TensorType(to_max_dtype(v.dtype), list(v.shape), device=ref) for v in seg.inputs]
     broadcasts = _broadcast_values(seg)
-    with Graph(name, input_types=types) as graph:
+    kernels = kernels & {n.prim.name for n in seg.nodes}
+    extensions = [kernel_library_path()] if kernels else []
+    with Graph(name, input_types=types, custom_extensions=extensions) as graph:
         env = {v.uid: g.tensor for v, g in zip(seg.inputs, graph.inputs)}
         for node in seg.nodes:
             args = [env[x.uid] if isinstance(x, Value) else x for x in node.inputs]
             attrs = node.attrs
             if node.prim.name in _REDUCTIONS and isinstance(node.inputs[0], Value) and node.inputs[0].uid in broadcasts:
                 attrs = {**attrs, "broadcast_input": True}
+            if node.prim.name in kernels:
+                attrs = {**attrs, "kernel": True}
             outs = lower(node.prim.name, args, attrs, ref)
             for v, o in zip(node.outputs, outs):
                 env[v.uid] = o
@@ -273,6 +286,8 @@ def _segment_graph(seg: Segment, device: str, name: str):
 _REDUCTIONS = {"reduce_sum", "reduce_max", "argmax"}
 # Ops whose result we expect MAX to compute into a buffer of its own rather than fuse into its consumer.
 _MATERIALISING = _REDUCTIONS | {"matmul", "size_of", "take", "take_add"}
+# Fused ops whose built-in lowering broadcasts its inputs as elementwise ops do (graphs/fused.py).
+_BROADCASTING_FUSED = {"nlm_glu", "nlm_glu_backward", "sync_update", "sync_update_backward"}
 
 
 def _broadcast_values(seg: Segment) -> set[int]:
@@ -290,7 +305,7 @@ def _broadcast_values(seg: Segment) -> set[int]:
         if name in _MATERIALISING:
             continue
         out = tuple(node.outputs[0].shape)
-        elementwise = node.prim.shape_rule.__module__.endswith(".elementwise")
+        elementwise = node.prim.shape_rule.__module__.endswith(".elementwise") or name in _BROADCASTING_FUSED
         kinds: set[str] = set()
         for x in node.inputs:
             uid = x.uid if isinstance(x, Value) else None
@@ -314,19 +329,23 @@ def _broadcast_values(seg: Segment) -> set[int]:
     return outer
 
 
-def _segment_key(seg: Segment, device: str) -> str:
+def _segment_key(seg: Segment, device: str, kernels: frozenset[str] = frozenset()) -> str:
     prog = Program(seg.inputs, seg.nodes, seg.outputs)
     import max
 
     from modgrad.graphs import LOWERING_VERSION
+    from modgrad.graphs.kernels import kernel_library_path
 
     tag = f"{prog.fingerprint()}|{device}|max-{getattr(max, '__version__', '?')}|lowering-{LOWERING_VERSION}"
+    used = sorted(kernels & {n.prim.name for n in seg.nodes})
+    if used:  # the package folder is named by the hash of the kernel sources
+        tag += f"|kernels-{','.join(used)}-{kernel_library_path().parent.name}"
     return hashlib.sha256(tag.encode()).hexdigest()[:32]
 
 
-def _load_or_compile(seg: Segment, device: str, name: str):
+def _load_or_compile(seg: Segment, device: str, name: str, kernels: frozenset[str] = frozenset()):
     session, _, _ = _runtime(device)
-    path = cache_dir() / f"{_segment_key(seg, device)}.mef"
+    path = cache_dir() / f"{_segment_key(seg, device, kernels)}.mef"
     if path.exists():
         try:
             model = session.load(str(path))
@@ -334,7 +353,7 @@ def _load_or_compile(seg: Segment, device: str, name: str):
             return model
         except Exception as err:  # a stale or truncated cache file is rebuilt, not fatal
             log.warning("ignoring unreadable compiled cache %s: %s", path, err)
-    graph = _segment_graph(seg, device, name)
+    graph = _segment_graph(seg, device, name, kernels)
     start = time.perf_counter()
     compiled = session.compile(graph)
     STATS["compiles"] += 1
@@ -374,6 +393,7 @@ class CompiledFunction:
     ``dims`` marks axes as symbolic so one compilation serves every size: a tuple with one
     entry per positional argument, each a tree matching that argument whose leaves are shape
     tuples with str names for symbolic axes (e.g. ``("B", 8)``) or None for static shapes.
+    ``kernels`` is described in :func:`compile`.
     """
 
     def __init__(
@@ -383,11 +403,15 @@ class CompiledFunction:
         dims: Sequence | None = None,
         name: str | None = None,
         host_glue: bool | None = None,
+        kernels: bool | None = None,
     ):
         self.fn = fn
         self.device = check_device(device)
         self.dims = dims
         self.host_glue = host_glue
+        if kernels not in (None, True, False):
+            raise TypeError(f"kernels must be True, False or None, got {kernels!r}")
+        self.kernels = kernels
         self.name = name or getattr(fn, "__name__", "fn").replace("<", "").replace(">", "")
         self._plans: dict = {}
 
@@ -460,7 +484,12 @@ class CompiledFunction:
         has_loops = any(n.prim.name == "scan" for n in program.nodes)
         # Default: on the CPU, numpy runs the glue around loops; a loop-free program compiles whole.
         host_glue = self.host_glue if self.host_glue is not None else (self.device == "cpu" and has_loops)
-        plan = Plan(program, self.device, name=self.name, host_glue=host_glue)
+        kernels = frozenset()
+        if self.device != "numpy":
+            from modgrad.graphs.fused import kernel_ops
+
+            kernels = kernel_ops(self.kernels)
+        plan = Plan(program, self.device, name=self.name, host_glue=host_glue, kernels=kernels)
         log.debug("prepared %s for %s in %.1f s", self.name, self.device, time.perf_counter() - start)
         return plan, out_td, in_positions
 
@@ -493,10 +522,18 @@ def compile(
     dims: Sequence | None = None,
     name: str | None = None,
     host_glue: bool | None = None,
+    kernels: bool | None = None,
 ) -> CompiledFunction:
     """Compile ``fn`` for ``device``: "cpu" or "gpu" (MAX graphs) or "numpy" (the reference evaluator).
 
     host_glue: run the straight-line parts between loops with numpy (see ``Plan``); by default on
     for "cpu" programs that contain loops, off otherwise.
+    kernels: lower the fused ops (``ops.nlm_glu``, ``ops.sync_update`` and their gradients) to the Mojo kernels of
+    ``mojo_kernels/`` (True) or to MAX built-in ops (False). None reads the environment
+    variable ``MODGRAD_KERNELS`` (1 or 0) and, when it is unset, uses each op's default from
+    ``modgrad.graphs.fused.KERNEL_DEFAULTS``: on where the kernel measured faster on a CPU. The
+    kernels take float32 only; other dtypes use the built-in ops whatever the flag. The first
+    kernel compile also builds the kernel package (about 10 s, cached on disk). The setting is
+    part of the compiled-graph cache key.
     """
-    return CompiledFunction(fn, device=device, dims=dims, name=name, host_glue=host_glue)
+    return CompiledFunction(fn, device=device, dims=dims, name=name, host_glue=host_glue, kernels=kernels)

@@ -136,6 +136,10 @@ class Plan:
         if current:
             self.steps.append(Segment(current))
 
+        # Values that some node or the program's result reads; a loop skips the others.
+        self.used = {x.uid for n in self.program.nodes for x in n.inputs if isinstance(x, Value)}
+        self.used |= {o.uid for o in self.program.outputs if isinstance(o, Value)}
+
         # Values each segment must receive and hand on.
         later_uses: dict[int, int] = {}
         for o in self.program.outputs:
@@ -210,22 +214,28 @@ class Plan:
         node, a = step.node, step.node.attrs
         nc, ncar = a["n_consts"], a["n_carry"]
         vals = [env[x.uid] if isinstance(x, Value) else x for x in node.inputs]
-        consts = vals[:nc]
+        # Converted once here, not at every step: a non-contiguous constant would be copied per step.
+        consts = [_to_runtime(c, self.device) for c in vals[:nc]]
         carry = vals[nc : nc + ncar]
-        xs = [_to_host(x) for x in vals[nc + ncar :]]
+        xs = [np.ascontiguousarray(_to_host(x)) for x in vals[nc + ncar :]]
         steps = xs[0].shape[0] if xs else int(a["length"])
         n_y = len(a["body"].outputs) - ncar
+        # Stacking per-step values costs as much as a tick here, so only read outputs are kept:
+        # the carry history only feeds the loop's VJP, and a backward loop's history is unused.
+        y_used = [node.outputs[ncar + j].uid in self.used for j in range(n_y)]
+        hist_used = [node.outputs[ncar + n_y + i].uid in self.used for i in range(ncar)]
         history: list[list] = [[None] * steps for _ in carry]
         ys: list = [None] * steps
         order = range(steps - 1, -1, -1) if a["reverse"] else range(steps)
         for t in order:
             for i, c in enumerate(carry):
-                history[i][t] = c
+                if hist_used[i]:
+                    history[i][t] = c
             outs = step.body.run(consts + carry + [x[t] for x in xs])
             carry = outs[:ncar]
             ys[t] = outs[ncar:]
-        stacked_ys = [np.stack([_to_host(ys[t][j]) for t in range(steps)]) for j in range(n_y)]
-        stacked_hist = [np.stack([_to_host(h) for h in hist]) for hist in history]
+        stacked_ys = [np.stack([_to_host(ys[t][j]) for t in range(steps)]) if y_used[j] else None for j in range(n_y)]
+        stacked_hist = [np.stack([_to_host(h) for h in hist]) if used else None for hist, used in zip(history, hist_used)]
         for v, o in zip(node.outputs, carry + stacked_ys + stacked_hist):
             env[v.uid] = o
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from modgrad.engine.core import Node, Program, ShapeError, Trace, Value, trace_scope
-from modgrad.engine.interpret import bind_sizes, run_program
+from modgrad.engine.interpret import run_program
 from modgrad.engine.pytree import tree_flatten, tree_unflatten
 
 log = logging.getLogger(__name__)

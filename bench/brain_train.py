@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--embed-dim", type=int, default=32, help="byte embedding width (the observation width)")
     ap.add_argument("--ticks", type=int, default=2, help="outer ticks per byte and region ticks per outer tick")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per batch size, after one warm-up step")
-    ap.add_argument("--device", default="cpu", help="cpu, gpu or numpy")
+    ap.add_argument("--device", default="cpu", help="cpu or gpu (compiled with MAX), or numpy (eager, no compile)")
     args = ap.parse_args(argv)
 
     import modgrad as mg
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.steps):
             start = time.perf_counter()
             loss, p, s = step(p, s, tokens)
-            float(np.asarray(loss))  # wait for the result
+            float(np.asarray(loss))  # copying the loss to the host waits for the step to finish
             times.append(time.perf_counter() - start)
         seconds = float(np.median(times))
         emit({"bench": "brain_train", "batch": batch, "ms_per_step": round(1e3 * seconds, 1),

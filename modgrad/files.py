@@ -8,10 +8,10 @@ from pathlib import Path
 
 
 def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` and rename the result onto ``path``, so readers never see a partial file.
+    """Call ``write(tmp_path)``, then rename the temporary file onto ``path`` and return ``path``.
 
-    The temporary file sits in the same folder (a rename within one file system is atomic) and is
-    removed if ``write`` fails. The result gets the permissions of a newly created file.
+    The temporary file is in the same folder, so the rename is atomic, and it is removed if
+    ``write`` fails. The result gets the permissions of a newly created file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ class RegionalWeights:
         self.cfg = cfg
         self.params = params
         self.buffers = buffers
-        self._state: dict | None = None  # None means the start state, built from the current params
+        self._state: dict | None = None  # None: start from the start state of the current params
 
     @property
     def state(self) -> dict:
@@ -118,7 +118,7 @@ def _check_token_id(cfg: RegionalConfig, token) -> int:
         )
     if not 0 <= token < cfg.out_dims:
         raise ValueError(
-            f"token id {token} is outside the embedding table of {cfg.out_dims} ids (0..{cfg.out_dims - 1})"
+            f"token id {token} is outside the embedding table of {cfg.out_dims} ids. Pass an id in 0..{cfg.out_dims - 1}"
         )
     return token
 
@@ -133,15 +133,15 @@ def _check_observation(cfg: RegionalConfig, token, dtype) -> np.ndarray:
             f"and shape {obs.shape}"
         )
     if obs.shape != expected:
-        raise ValueError(f"observation shape {obs.shape} does not match the brain's {expected}")
+        raise ValueError(f"observation shape {obs.shape} does not match the brain's {expected}. Pass an array of shape {expected}")
     return obs.astype(dtype, copy=False)[None]
 
 
 def _check_target(cfg: RegionalConfig, target) -> int:
     if isinstance(target, (bool, np.bool_)) or not isinstance(target, (int, np.integer)):
-        raise ValueError(f"target {target!r} is not an integer class id in 0..{cfg.out_dims - 1}")
+        raise ValueError(f"target {target!r} is not an integer. Pass a class id in 0..{cfg.out_dims - 1}")
     if not 0 <= int(target) < cfg.out_dims:
-        raise ValueError(f"target {int(target)} is outside the brain's {cfg.out_dims} classes (0..{cfg.out_dims - 1})")
+        raise ValueError(f"target {int(target)} is outside the brain's {cfg.out_dims} classes. Pass a class id in 0..{cfg.out_dims - 1}")
     return int(target)
 
 

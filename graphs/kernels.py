@@ -207,22 +207,40 @@ def _check_nlm_inputs(op_name: str, trace: TensorValue, weight: TensorValue, bia
 # --------------------------------------------------------------------------------------------
 # Small-batch matmul
 
+# K ranges of the small-batch matmul: enough that both cores of a small CPU get work when N is
+# narrow (K = 896 gives 2), few enough that summing the partial results stays cheap.
+MATVEC_ROWS_PER_SLICE = 384
+MATVEC_MAX_SLICES = 8
+
 
 def matvec(
     x: TensorValue,  # (B, K) float32
     w: TensorValue,  # (K, N) float32 or bfloat16
+    slices: int | None = None,
 ) -> TensorValue:
     """Return ``x @ w`` as float32 (B, N), accumulating in float32 for either weight dtype.
 
-    Tuned for small B (decode); for large B, ``ops.matmul`` is the better kernel.
+    Tuned for small B (decode); for large B, ``ops.matmul`` is the better kernel. The kernel
+    splits K into ``slices`` ranges, each summed by its own work items, and the graph adds the
+    partial results; None picks one slice per ``MATVEC_ROWS_PER_SLICE`` rows of ``w`` (1 to
+    ``MATVEC_MAX_SLICES``), or 1 when K is symbolic.
     """
     op_name = "matvec"
     _check_rank(op_name, "x", x, 2)
     _check_rank(op_name, "w", w, 2)
     _check_dtype(op_name, "x", x, (DType.float32,))
     _check_dtype(op_name, "w", w, (DType.float32, DType.bfloat16))
-    (y,) = _custom(op_name, [x, w], [_f32(x, [x.shape[0], w.shape[1]])])
-    return y
+    if slices is None:
+        inner = w.shape[0]
+        slices = 1
+        if isinstance(inner, StaticDim):
+            slices = min(MATVEC_MAX_SLICES, max(1, int(inner) // MATVEC_ROWS_PER_SLICE))
+    if slices < 1:
+        raise ValueError(f"{op_name}: slices must be >= 1, got {slices}")
+    (y,) = _custom(op_name, [x, w], [_f32(x, [slices, x.shape[0], w.shape[1]])])  # (S, B, N)
+    if slices == 1:
+        return ops.squeeze(y, 0)
+    return ops.sum(y, axis=0).reshape([x.shape[0], w.shape[1]])
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ __all__ = [
     "matmul", "max", "maximum", "mean", "min", "minimum", "mul", "neg", "one_hot", "ones", "pow", "relu",
     "reshape", "rms_norm", "rsqrt", "scan", "sigmoid", "silu", "sin", "slice_axis", "softmax", "sqrt",
     "square", "squeeze", "stack", "stop_gradient", "sub", "sum", "tanh", "transpose", "var", "where",
-    "zeros", "glu", "nlm_glu", "sync_update", "shape_of", "dtype_of",
+    "zeros", "glu", "matvec", "nlm_glu", "sync_update", "shape_of", "dtype_of",
 ]
 
 
@@ -340,6 +340,18 @@ def layer_norm(x, gamma, beta, eps: float = 1e-5):
 def rms_norm(x, weight, eps: float = 1e-6):
     inv = rsqrt(add(mean(square(x), -1, keepdims=True), eps))
     return mul(mul(x, inv), weight)
+
+
+def matvec(x, w):
+    """``x @ w`` for a few rows of x (..., K) against a weight matrix w (K, N) -> (..., N).
+
+    Same math as :func:`matmul`, for decode-sized products whose cost is reading ``w`` once.
+    Compiled float32 programs run it as the Mojo small-batch kernel unless kernels are
+    switched off (see ``modgrad.compile``); with many rows ``matmul`` is the faster choice.
+    """
+    x = x if isinstance(x, Value) else np.asarray(x)
+    w = w if isinstance(w, Value) else np.asarray(w)
+    return bind(fused.matvec_p, x, w)
 
 
 def glu(x, axis: int = -1):

@@ -1,14 +1,15 @@
-"""Small-batch matrix product y (B, N) = x (B, K) @ w (K, N) with float32 accumulation.
+"""Small-batch matrix product x (B, K) @ w (K, N) with float32 accumulation, as partial sums.
 
-Built for the decode-sized case (B up to a few dozen), where the cost is
-reading `w` once per `ROWS` rows of x. Each work item owns up to `ROWS` rows
-of x and a chunk of columns. It walks down `w` `K_STEP` rows at a time and
-adds their products into its rows of y, which stay in L1. Wide chunks keep
-each read of `w` long and sequential, as the hardware prefetchers need.
-`w` may be float32 or bfloat16; x and y are float32.
+Built for the decode-sized case (B up to a few dozen), where the cost is reading `w` once per
+`ROWS` rows of x. The output is y (S, B, N): slice s holds the products over the s-th of S
+equal ranges of K, and the caller sums the slices (S = 1 needs no sum). Splitting K gives
+every core work when N is narrow, and each work item then streams one contiguous block of
+rows of `w`. A work item owns up to `ROWS` rows of x, a chunk of up to `CHUNK` columns and one
+K range; it walks down its rows of `w` `K_STEP` at a time and adds their products into its
+rows of y, which stay in L2. `w` may be float32 or bfloat16; x and y are float32.
 
 NOTE: this layout suits CPUs. On a GPU it compiles and runs but launches only
-one thread per (row tile, chunk); `ops.matmul` is the better kernel there.
+one thread per work item; `ops.matmul` is the better kernel there.
 """
 
 from extensibility import (
@@ -18,22 +19,19 @@ from extensibility import (
     register,
 )
 from layout import Coord
-from max.algorithm.functional import elementwise
+from max.algorithm.functional import elementwise, sync_parallelize
 from max.gpu.host import DeviceContext
 from std.math import ceildiv
 from std.utils import StaticTuple
 
 from .checks import check_dense, check_dim
+from .host import host_context
 
-comptime ROWS = 4
+comptime ROWS = 8
 comptime K_STEP = 8
-# Column chunks: at least MIN_CHUNK columns (4 KB of float32 per row segment, a
-# page), more when N is wide, so that a row tile splits into about CHUNKS items.
-# On a 2-core AMD EPYC (AVX-512, single thread, K = N = 4096), 512-column
-# chunks ran 4x slower than 1024-column ones, likely because each row step of
-# a narrow chunk starts on a new page, where the prefetchers stop.
-comptime MIN_CHUNK = 1024
-comptime CHUNKS = 8
+# Columns per work item. On a 2-core AMD EPYC (AVX-512) with weights read from DRAM, narrow
+# chunks that start each row step on a new page ran slower; see docs/BENCHMARKS.md.
+comptime CHUNK = 4096
 
 
 @always_inline
@@ -81,14 +79,17 @@ def _chunk[
     row: Int,
     start: Int,
     stop: Int,
+    k_start: Int,
+    k_stop: Int,
 ):
-    """Write y[row : row + rows, start : stop]."""
+    """Write y[row : row + rows, start : stop] = x[rows, k_start : k_stop] @ w[k_start : k_stop, start : stop].
+    """
     for r in range(rows):
         for c in range(start, stop):
             y[unsafe_offset=(row + r) * columns + c] = 0
     var vector_stop = start + (stop - start) // width * width
-    var k = 0
-    while k + K_STEP <= inner:
+    var k = k_start
+    while k + K_STEP <= k_stop:
         var c = start
         while c < vector_stop:
             _accumulate[w_dtype, rows, K_STEP, width](
@@ -101,7 +102,7 @@ def _chunk[
             )
             c += 1
         k += K_STEP
-    while k < inner:
+    while k < k_stop:
         var c = start
         while c < vector_stop:
             _accumulate[w_dtype, rows, 1, width](x, w, y, inner, columns, row, k, c)
@@ -118,7 +119,7 @@ struct Matvec:
     def execute[
         target: StaticString
     ](
-        y: OutputTensor[dtype = DType.float32, rank=2, static_spec=_],
+        y: OutputTensor[dtype = DType.float32, rank=3, static_spec=_],
         x: InputTensor[dtype = DType.float32, rank=2, static_spec=_],
         w: InputTensor[rank=2, static_spec=_],
         ctx: DeviceContext,
@@ -127,38 +128,60 @@ struct Matvec:
         comptime assert (
             w.dtype == DType.float32 or w.dtype == DType.bfloat16
         ), "matvec: w must be float32 or bfloat16"
+        var slices = y.dim_size(0)
         var batch = x.dim_size(0)
         var inner = x.dim_size(1)
         var columns = w.dim_size(1)
         check_dim(op, "w", w, 0, inner)
-        check_dim(op, "y", y, 0, batch)
-        check_dim(op, "y", y, 1, columns)
+        check_dim(op, "y", y, 1, batch)
+        check_dim(op, "y", y, 2, columns)
         check_dense(op, "x", x)
         check_dense(op, "w", w)
         check_dense(op, "y", y)
-        if batch == 0 or columns == 0:
+        if slices == 0 or batch == 0 or columns == 0:
             return
         var xp = x.unsafe_ptr()
         var wp = w.unsafe_ptr()
         var yp = y.unsafe_ptr()
         comptime width = get_kernel_simd_width[DType.float32, target]()
-        var chunk = max(MIN_CHUNK, ceildiv(ceildiv(columns, CHUNKS), width) * width)
+        var chunks = ceildiv(columns, CHUNK)
+        var chunk = ceildiv(ceildiv(columns, chunks), width) * width
+        var k_per_slice = ceildiv(inner, slices)
+        var row_tiles = ceildiv(batch, ROWS)
 
-        def tile[
-            simd: Int, alignment: Int = 1
-        ](idx: Coord[...]) {
-            var xp, var wp, var yp, var batch, var inner, var columns, var chunk
+        @always_inline
+        def item(row_tile: Int, chunk_index: Int, s: Int) {
+            var xp, var wp, var yp, var batch, var inner, var columns, var chunk, var k_per_slice
         }:
-            var row = Int(idx[0].value()) * ROWS
-            var start = Int(idx[1].value()) * chunk
+            var row = row_tile * ROWS
+            var start = chunk_index * chunk
             var stop = min(start + chunk, columns)
+            var k_start = min(s * k_per_slice, inner)
+            var k_stop = min(k_start + k_per_slice, inner)
+            var ys = yp + s * batch * columns
             var rows = min(ROWS, batch - row)
             comptime for r in range(1, ROWS + 1):
                 if rows == r:
                     _chunk[w.dtype, r, width](
-                        xp, wp, yp, inner, columns, row, start, stop
+                        xp, wp, ys, inner, columns, row, start, stop, k_start, k_stop
                     )
 
-        elementwise[simd_width=1, target=target](
-            tile, Coord(ceildiv(batch, ROWS), ceildiv(columns, chunk)), ctx
-        )
+        comptime if target == "cpu":
+            # `elementwise` would run these few, large items on one thread (see nlm.mojo).
+            var items_per_tile = chunks * slices
+
+            def task(i: Int) {var item, var items_per_tile, var slices}:
+                var rest = i % items_per_tile
+                item(i // items_per_tile, rest // slices, rest % slices)
+
+            sync_parallelize(task, row_tiles * items_per_tile, host_context(ctx))
+        else:
+
+            def tile[
+                simd: Int, alignment: Int = 1
+            ](idx: Coord[...]) {var item}:
+                item(Int(idx[0].value()), Int(idx[1].value()), Int(idx[2].value()))
+
+            elementwise[simd_width=1, target=target](
+                tile, Coord(row_tiles, chunks, slices), ctx
+            )

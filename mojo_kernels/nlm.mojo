@@ -27,12 +27,11 @@ from extensibility import (
 from layout import Coord
 from max.algorithm.functional import elementwise, sync_parallelize
 from max.gpu.host import DeviceContext
-from max.gpu.host.device_context import DeviceContextBase
 from std.math import ceildiv, exp
-from std.sys.info import CompilationTarget
 from max.runtime.asyncrt import parallelism_level
 
 from .checks import check_dense, check_dim
+from .host import host_context
 
 
 @always_inline
@@ -49,19 +48,6 @@ def _row[neuron_major: Bool](b: Int, d: Int, batch: Int, neurons: Int) -> Int:
         return b * neurons + d
 
 
-@always_inline
-def _host_context(
-    ctx: DeviceContext,
-) -> Optional[DeviceContextBase[CompilationTarget()]]:
-    """Return the op's context as the CPU runtime helpers take it.
-
-    Without it `sync_parallelize` runs on a thread pool of its own beside the
-    engine's, and the two oversubscribe the cores: inside a CTM tick graph the
-    NLM kernels then ran slower than MAX's built-in ops (2-core CPU).
-    """
-    return Optional(rebind[DeviceContextBase[CompilationTarget()]](ctx))
-
-
 def _cpu_tasks(neurons: Int, ctx: DeviceContext) -> Int:
     """Return how many tasks split the neurons on the CPU.
 
@@ -69,7 +55,7 @@ def _cpu_tasks(neurons: Int, ctx: DeviceContext) -> Int:
     over D <= 32768 neurons it would use one thread. Eight tasks per thread
     keep the threads balanced when other work shares the cores.
     """
-    return max(1, min(neurons, 8 * parallelism_level(_host_context(ctx))))
+    return max(1, min(neurons, 8 * parallelism_level(host_context(ctx))))
 
 
 @always_inline
@@ -193,7 +179,7 @@ def _nlm_forward[
                     tp, wp, bp, out, batch, neurons, memory, hidden, d
                 )
 
-        sync_parallelize(neuron_outputs, tasks, _host_context(ctx))
+        sync_parallelize(neuron_outputs, tasks, host_context(ctx))
     else:
         foreach[target=target](glu, output, ctx)
 
@@ -349,7 +335,7 @@ def _nlm_backward[
                     hidden, d,
                 )
 
-        sync_parallelize(neuron_grads, tasks, _host_context(ctx))
+        sync_parallelize(neuron_grads, tasks, host_context(ctx))
     else:
         elementwise[simd_width=width, target=target](
             pre_grads, Coord(batch, neurons, hidden), ctx

@@ -361,6 +361,8 @@ FUSED_CASES = [
     Case("sync_update_backward", sync_update_backward_ours, sync_update_backward_ref,
          lambda r, n, d: sync_update_inputs(r, n, d) + [normal()(r, (3, 5), d) for _ in range(3)],
          "sync_update_backward", differentiable=False),
+    Case("matvec", ops.matvec, torch.matmul,
+         lambda r, n, d: [normal()(r, (2, 1, n), d), normal()(r, (n, 5), d)], "matvec"),
 ]
 PRIMITIVE_CASES += FUSED_CASES
 

@@ -1,4 +1,4 @@
-"""The fused ops ``ops.nlm_glu`` and ``ops.sync_update`` against torch, their compositions, and compiled.
+"""The fused ops ``ops.nlm_glu``, ``ops.sync_update`` and ``ops.matvec`` against torch, their compositions, and compiled.
 
 The NLM checks cover D in {1, 9, 32, 512}, M in {2, 4, 8, 25}, B in {1, 3} and H in
 {1, 3, 32}, so the matmuls meet single and odd sizes. The sync checks cover B in {1, 3}, the
@@ -280,3 +280,53 @@ def test_compiled_fused_ops_kernels_on_and_off(rng):
         text = str(engine_compile._segment_graph(segment, "cpu", "fused_ops_inspect", plan.kernels))
         for op in KERNEL_OPS:
             assert (f'symbol = "{op}"' in text) == kernels, op
+
+
+# --------------------------------------------------------------------------------------------
+# Small-batch matmul
+
+MATVEC_SHAPES = [((1, 1), (1, 1)), ((3, 1, 9), (9, 5)), ((2, 4, 59), (59, 96)), ((1, 1000), (1000, 3))]
+
+
+@pytest.mark.parametrize("x_shape,w_shape", MATVEC_SHAPES)
+def test_matvec_matches_torch(rng, x_shape, w_shape):
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    out = ops.matvec(x, w)
+    grad = rng.standard_normal(out.shape)
+    np.testing.assert_allclose(out, x @ w, rtol=1e-12, atol=1e-12)
+
+    tx, tw = (torch.tensor(a, requires_grad=True) for a in (x, w))
+    (torch.matmul(tx, tw) * torch.tensor(grad)).sum().backward()
+    dx, dw = mg.value_and_grad(lambda x, w: ops.sum(ops.matvec(x, w) * grad), argnums=(0, 1))(x, w)[1]
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dw, tw.grad.numpy(), rtol=1e-9, atol=1e-9)
+
+
+def test_matvec_rejects_bad_shapes(rng):
+    with pytest.raises(ShapeError, match=r"w \(K, N\)"):
+        ops.matvec(rng.standard_normal((2, 3)), rng.standard_normal((2, 3, 4)))
+    with pytest.raises(ShapeError, match="contraction sizes differ"):
+        ops.matvec(rng.standard_normal((2, 3)), rng.standard_normal((4, 5)))
+
+
+@pytest.mark.max
+def test_compiled_matvec_kernels_on_and_off(rng):
+    from modgrad.engine import compile as engine_compile
+
+    def decode_products(x, w_in, w_out):
+        return ops.matvec(ops.silu(ops.matvec(x, w_in)), w_out)  # (B, 1, K) -> (B, 1, N) -> (B, 1, K)
+
+    dims = (("B", 1, 1000), (1000, "N"), ("N", 1000))
+    for kernels in (True, False):
+        fn = mg.compile(decode_products, dims=dims, kernels=kernels, name=f"matvec_kernels_{kernels}")
+        for batch, hidden in ((1, 59), (9, 224)):
+            x = rng.standard_normal((batch, 1, 1000)).astype(np.float32)
+            w_in = (rng.standard_normal((1000, hidden)) / 32).astype(np.float32)
+            w_out = (rng.standard_normal((hidden, 1000)) / 8).astype(np.float32)
+            expected = decode_products(*(a.astype(np.float64) for a in (x, w_in, w_out)))
+            assert_close_f32(fn(x, w_in, w_out), expected, f"kernels={kernels}, B {batch}, N {hidden}")
+
+        (plan, _, _), = fn._plans.values()
+        (segment,) = [step for step in plan.steps if step.outputs]
+        text = str(engine_compile._segment_graph(segment, "cpu", "matvec_inspect", plan.kernels))
+        assert ('symbol = "matvec"' in text) == kernels

@@ -267,7 +267,8 @@ def matvec_model(session, device_ref):
     input_types = [f32(device_ref, "B", "K"), f32(device_ref, "K", "N")]
 
     def build(x, w):
-        return [kernels.matvec(x, w), kernels.matvec(x, w.cast(DType.bfloat16))]
+        sliced = kernels.matvec(x, w, slices=3)  # K split in 3 ranges; K < 3 leaves ranges empty
+        return [kernels.matvec(x, w), kernels.matvec(x, w.cast(DType.bfloat16)), sliced]
 
     return compile_graph(session, "matvec_test", input_types, build)
 
@@ -277,13 +278,27 @@ def test_matvec_matches_reference(matvec_model, device, batch, inner, columns):
     rng = np.random.default_rng(batch * inner + columns)
     x = rng.standard_normal((batch, inner)).astype(np.float32)
     w = rng.standard_normal((inner, columns)).astype(np.float32)
-    y, y_bf16 = run(matvec_model, device, x, w)
+    y, y_bf16, y_sliced = run(matvec_model, device, x, w)
     x64, w64 = as64(x, w)
     abs_sum = np.abs(x64) @ np.abs(w64)
     assert_close(y, reference.matvec(x64, w64), terms=inner, abs_sum=abs_sum)
+    assert_close(y_sliced, reference.matvec(x64, w64), terms=inner, abs_sum=abs_sum)
     # bfloat16 weights: the rounding of w is part of the oracle, the sum is float32.
     w_bf16 = round_to_bfloat16(w).astype(np.float64)
     assert_close(y_bf16, reference.matvec(x64, w_bf16), terms=inner, abs_sum=abs_sum)
+
+
+def test_matvec_splits_a_static_inner_size(session, device, device_ref):
+    inner, columns = 1000, 59  # 1000 // MATVEC_ROWS_PER_SLICE = 2 ranges by default
+    assert min(kernels.MATVEC_MAX_SLICES, inner // kernels.MATVEC_ROWS_PER_SLICE) == 2
+    model = compile_graph(session, "matvec_static_k", [f32(device_ref, "B", inner), f32(device_ref, inner, columns)],
+                          lambda x, w: [kernels.matvec(x, w)])
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, inner)).astype(np.float32)
+    w = rng.standard_normal((inner, columns)).astype(np.float32)
+    (y,) = run(model, device, x, w)
+    x64, w64 = as64(x, w)
+    assert_close(y, reference.matvec(x64, w64), terms=inner, abs_sum=np.abs(x64) @ np.abs(w64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,8 +486,8 @@ def main() raises:
     SyncUpdateBackward.execute["gpu"](o2, o1, o2, o2, x2, xi, xi, x1, x2, x2, x2, x2, x2, ctx)
     NlmForward.execute["gpu"](o3, x3, x3, x2, ctx)
     NlmBackward.execute["gpu"](o3, o3, o2, o3, x3, x3, x2, x3, ctx)
-    Matvec.execute["gpu"](o2, x2, x2, ctx)
-    Matvec.execute["gpu"](o2, x2, w2, ctx)
+    Matvec.execute["gpu"](o3, x2, x2, ctx)
+    Matvec.execute["gpu"](o3, x2, w2, ctx)
     AdamwFused.execute["gpu"](o1, o1, o1, x1, x1, x1, x1, x1, ctx)
     MhaSingleQuery.execute["gpu"](o3, x3, x4, x4, ctx)
 """

@@ -52,10 +52,10 @@ def apply_rotary(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def project_qkv(layer: dict, x, cos, sin, cfg: Qwen2Config):
+def project_qkv(layer: dict, x, cos, sin, cfg: Qwen2Config, matmul=ops.matmul):
     """Project and rotate: q (B, T, n_heads, hd), k and v (B, T, n_kv, hd)."""
     b, t = ops.shape_of(x)[:2]
-    qkv = x @ layer["qkv_w"] + layer["qkv_b"]  # (B, T, Q + 2K)
+    qkv = matmul(x, layer["qkv_w"]) + layer["qkv_b"]  # (B, T, Q + 2K)
     q = ops.reshape(qkv[..., : cfg.q_size], (b, t, cfg.num_attention_heads, cfg.head_dim))
     k = ops.reshape(qkv[..., cfg.q_size : cfg.q_size + cfg.kv_size], (b, t, cfg.num_key_value_heads, cfg.head_dim))
     v = ops.reshape(qkv[..., cfg.q_size + cfg.kv_size :], (b, t, cfg.num_key_value_heads, cfg.head_dim))
@@ -114,12 +114,12 @@ def cached_attention(q, k, v, past_k, past_v, cfg: Qwen2Config):
     return ops.reshape(out, (b, 1, cfg.q_size))
 
 
-def swiglu_mlp(layer: dict, x, cfg: Qwen2Config):
+def swiglu_mlp(layer: dict, x, cfg: Qwen2Config, matmul=ops.matmul):
     """down(silu(gate(x)) * up(x)); gate and up are one fused (D, 2I) matmul."""
-    gate_up = x @ layer["gate_up_w"]  # (B, T, 2I)
+    gate_up = matmul(x, layer["gate_up_w"])  # (B, T, 2I)
     gate = gate_up[..., : cfg.intermediate_size]
     up = gate_up[..., cfg.intermediate_size :]
-    return (ops.silu(gate) * up) @ layer["down_w"]  # (B, T, D)
+    return matmul(ops.silu(gate) * up, layer["down_w"])  # (B, T, D)
 
 
 def decoder_layer(layer: dict, h, cos, sin, positions, cfg: Qwen2Config):
@@ -131,8 +131,11 @@ def decoder_layer(layer: dict, h, cos, sin, positions, cfg: Qwen2Config):
 
 
 def decoder_layer_cached(layer: dict, h, cos, sin, past_k, past_v, cfg: Qwen2Config):
-    """One block for a single new token (B, 1, D) against the cache; returns h and the new (1, B, n_kv, hd) k, v."""
-    q, k, v = project_qkv(layer, rms_norm(h, layer["ln1"], cfg.rms_norm_eps), cos, sin, cfg)
-    h = h + cached_attention(q, k, v, past_k, past_v, cfg) @ layer["o_w"]
-    h = h + swiglu_mlp(layer, rms_norm(h, layer["ln2"], cfg.rms_norm_eps), cfg)
+    """One block for a single new token (B, 1, D) against the cache; returns h and the new (1, B, n_kv, hd) k, v.
+
+    Its products have only B rows each, so they use ``ops.matvec``, whose cost is one read of the weights.
+    """
+    q, k, v = project_qkv(layer, rms_norm(h, layer["ln1"], cfg.rms_norm_eps), cos, sin, cfg, ops.matvec)
+    h = h + ops.matvec(cached_attention(q, k, v, past_k, past_v, cfg), layer["o_w"])
+    h = h + swiglu_mlp(layer, rms_norm(h, layer["ln2"], cfg.rms_norm_eps), cfg, ops.matvec)
     return h, ops.transpose(k, (1, 0, 2, 3)), ops.transpose(v, (1, 0, 2, 3))

@@ -13,6 +13,7 @@ import numpy as np
 
 from modgrad.engine.core import Primitive, ShapeError, bind, is_float, register
 from modgrad.engine.prims.elementwise import _sigmoid
+from modgrad.engine.prims.linalg import _matmul_rule, _matmul_vjp
 
 # --------------------------------------------------------------------------------------------
 # Neuron-level model: a per-neuron linear map of the trace window, then a GLU
@@ -149,3 +150,21 @@ sync_update_backward_p = register(
         "sync_update_backward", _sync_update_backward_rule, _sync_update_backward_impl, multiple_results=True
     )
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Small-batch matrix product: a few rows of activations against one weight matrix
+
+
+def _matvec_rule(x, w):
+    (xs, xd), (ws, wd) = x, w
+    if len(xs) < 2 or len(ws) != 2:
+        raise ShapeError(f"expected x (..., K) with rank >= 2 and w (K, N), got {tuple(xs)} and {tuple(ws)}")
+    if not is_float(xd):
+        raise ShapeError(f"expected a floating dtype, got {xd}")
+    return _matmul_rule(x, w)
+
+
+# The gradient is that of a matmul; the backward pass has as many rows as the forward, so it
+# gains nothing from a small-batch kernel.
+matvec_p = register(Primitive("matvec", _matvec_rule, lambda x, w: [np.matmul(x, w)], _matmul_vjp))

@@ -4,7 +4,9 @@ Prints one JSON line per measurement: {"bench", "impl", "ms_per_step", ...}. The
 Sakana's maze CTM: d_model 512, d_input 128, 8 heads, synapse depth 8, memory 25, NLM hidden 32,
 32/32 sync pairs, 75 ticks, batch 16, 100 observation tokens. Both sides run forward, backward
 (autograd / our VJPs) and an AdamW update on the same weights, with the mean cross-entropy over
-ticks as the loss.
+ticks as the loss. A last line, "arithmetic", gives the floating-point work of one step (torch's
+count of its matmul FLOPs, forward and backward), the rate each side reached and numpy's float32
+matmul rate on this machine.
 
     python bench/ctm_train.py                    # the maze config (compiles for minutes on a cold cache)
     python bench/ctm_train.py --ticks 8 --d-model 64 --steps 3   # a quick check
@@ -111,6 +113,32 @@ def main() -> None:
     theirs = 1e3 * float(np.median(times))
     print(json.dumps({"bench": "ctm_train", "impl": "torch-eager", "ms_per_step": round(theirs, 2), **common}), flush=True)
     print(json.dumps({"bench": "ctm_train", "impl": "speedup", "torch_over_ours": round(theirs / ours, 3), **common}), flush=True)
+
+    # The arithmetic of one step (torch's count of its matmuls, forward and backward) against the
+    # machine's float32 matmul rate shows how far any implementation could go.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        torch_step()
+    flops = counter.get_total_flops()
+    peak = matmul_gflop_s()
+    print(json.dumps({"bench": "ctm_train", "impl": "arithmetic", "gflop_per_step": round(flops / 1e9, 2),
+                      "matmul_peak_gflop_s": round(peak, 1),
+                      "gflop_s": {"modgrad": round(flops / ours / 1e6, 1), "torch": round(flops / theirs / 1e6, 1)},
+                      "floor_ms_at_peak": round(flops / peak / 1e6, 1), **common}), flush=True)
+
+
+def matmul_gflop_s(size: int = 2048, repeats: int = 3) -> float:
+    """Return the best float32 matmul rate of numpy (all threads) on size x size matrices, GFLOP/s."""
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    a @ a
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 if __name__ == "__main__":

@@ -3,8 +3,7 @@
 Built for the decode-sized case (B up to a few dozen), where the cost is reading `w` once per
 `ROWS` rows of x. The output is y (S, B, N): slice s holds the products over the s-th of S
 equal ranges of K, and the caller sums the slices (S = 1 needs no sum). Splitting K gives
-every core work when N is narrow, and each work item then streams one contiguous block of
-rows of `w`. A work item owns up to `ROWS` rows of x, a chunk of up to `CHUNK` columns and one
+every core work when N is narrow. A work item owns up to `ROWS` rows of x, a chunk of up to `CHUNK` columns and one
 K range; it walks down its rows of `w` `K_STEP` at a time and adds their products into its
 rows of y, which stay in L2. `w` may be float32 or bfloat16; x and y are float32.
 
@@ -29,8 +28,10 @@ from .host import host_context
 
 comptime ROWS = 8
 comptime K_STEP = 8
-# Columns per work item. On a 2-core AMD EPYC (AVX-512) with weights read from DRAM, narrow
-# chunks that start each row step on a new page ran slower; see docs/BENCHMARKS.md.
+# Columns per work item, at most: N is cut into equal chunks no wider than this. Each row step of
+# a chunk reads CHUNK * 4 contiguous bytes of float32 weights. Narrow chunks stop the hardware
+# prefetchers: on a 2-core AMD EPYC (one thread, K = N = 4096) 512-column chunks ran 4x slower
+# than 1024-column ones.
 comptime CHUNK = 4096
 
 

@@ -20,6 +20,7 @@ from modgrad.mazes.train import (
     build_model,
     make_optimizer,
     make_train_step,
+    plot_curves,
     render_predictions,
     save_history,
     train_mazes,
@@ -184,6 +185,8 @@ def test_run_reports_all_metrics(model, tmp_path):
     heldout = MazeDataset(size=9, seed=42).heldout(16)
     png = render_predictions(tmp_path / "r.png", heldout, run.heldout_moves, count=4)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = plot_curves(tmp_path / "c.png", [tmp_path / "h.json"] * 2, trivial_baselines(size=21, heldout=8, fit_mazes=10))
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------------------------

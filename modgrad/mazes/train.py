@@ -552,11 +552,13 @@ def plot_curves(path: str | Path, histories: list[str | Path], baselines: dict[s
     fig = Figure(figsize=(15, 4.2))
     FigureCanvasAgg(fig)
     loss_ax, first_ax, step_ax = (fig.add_subplot(1, 3, i + 1) for i in range(3))
-    for i, history_path in enumerate(histories):
+    colors: dict[str, str] = {}  # one colour per (model, protocol); its seeds share it
+    for history_path in histories:
         record = json.loads(Path(history_path).read_text())
         summary, history = record["summary"], record["history"]
-        label = f"{summary['model']} ({summary['protocol']})"
-        color = f"C{i}"
+        run_kind = f"{summary['model']} ({summary['protocol']})"
+        color = colors.setdefault(run_kind, f"C{len(colors)}")
+        label = f"{run_kind}, seed {summary['seed']}"
         train = np.array(history["train"], dtype=np.float64)
         window = min(50, len(train))
         smooth = np.convolve(train[:, 1], np.ones(window) / window, mode="valid")

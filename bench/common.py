@@ -105,3 +105,19 @@ def time_per_call(fn: Callable[[], object], min_seconds: float = 0.5, repeats: i
         "min_us": round(min(per_call) * 1e6, 2),
         "calls": number * repeats,
     }
+
+
+def matmul_gflop_s(size: int = 2048, repeats: int = 5) -> float:
+    """Return numpy's best float32 matmul rate on size x size matrices (all BLAS threads), GFLOP/s."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    a @ b  # warm-up: BLAS thread start and page faults
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9

@@ -118,6 +118,8 @@ def main() -> None:
     # machine's float32 matmul rate shows how far any implementation could go.
     from torch.utils.flop_counter import FlopCounterMode
 
+    from common import matmul_gflop_s
+
     counter = FlopCounterMode(display=False)
     with counter:
         torch_step()
@@ -127,18 +129,6 @@ def main() -> None:
                       "matmul_peak_gflop_s": round(peak, 1),
                       "gflop_s": {"modgrad": round(flops / ours / 1e6, 1), "torch": round(flops / theirs / 1e6, 1)},
                       "floor_ms_at_peak": round(flops / peak / 1e6, 1), **common}), flush=True)
-
-
-def matmul_gflop_s(size: int = 2048, repeats: int = 3) -> float:
-    """Return the best float32 matmul rate of numpy (all threads) on size x size matrices, GFLOP/s."""
-    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
-    a @ a
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from max.dtype import DType  # noqa: E402
 from max.engine import InferenceSession  # noqa: E402
 from max.graph import DeviceRef, Graph, TensorType, TensorValue, ops  # noqa: E402
 
+from common import matmul_gflop_s  # noqa: E402
 from graphs import kernels  # noqa: E402
 from modgrad.engine.prims import fused  # noqa: E402
 from modgrad.graphs import lower  # noqa: E402
@@ -136,14 +137,6 @@ def read_gb_s() -> float | None:
     return source.numel() * 4 / seconds / 1e9
 
 
-def matmul_gflop_s(size: int = 2048) -> float:
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    seconds = fastest_seconds(lambda: a @ b)
-    return 2 * size**3 / seconds / 1e9
-
-
 # --------------------------------------------------------------------------------------------
 # Kernels: inputs, symbolic graph types, the MAX composition, numpy and torch versions
 
@@ -172,20 +165,28 @@ def _nbytes(*arrays) -> int:
     return sum(array.nbytes for array in arrays)
 
 
+def _sync_arrays(rng, batch: int, neurons: int, pairs: int, index_dtype) -> tuple[list, list, list]:
+    """Return the sync update's inputs [z, left, right, decay, alpha, beta], three output gradients
+    and the graph input types of the six inputs."""
+    z = _f32(rng, batch, neurons)
+    left = rng.integers(0, neurons, pairs).astype(index_dtype)
+    right = rng.integers(0, neurons, pairs).astype(index_dtype)
+    decay = rng.uniform(0, 1, pairs).astype(np.float32)
+    alpha = _f32(rng, batch, pairs)
+    beta = rng.uniform(0, 4, (batch, pairs)).astype(np.float32)
+    grads = [_f32(rng, batch, pairs) for _ in range(3)]
+    index_type = DType.int32 if index_dtype == np.int32 else DType.int64
+    types = [(DType.float32, ["B", "D"]), (index_type, ["S"]), (index_type, ["S"]),
+             (DType.float32, ["S"]), (DType.float32, ["B", "S"]), (DType.float32, ["B", "S"])]
+    return [z, left, right, decay, alpha, beta], grads, types
+
+
 def sync_cases(rng) -> list[Case]:
     cases = []
     for batch, neurons, pairs in [(1, 512, 4096), (64, 512, 4096)]:
-        z = _f32(rng, batch, neurons)
-        left = rng.integers(0, neurons, pairs).astype(np.int32)
-        right = rng.integers(0, neurons, pairs).astype(np.int32)
-        decay = rng.uniform(0, 1, pairs).astype(np.float32)
-        alpha = _f32(rng, batch, pairs)
-        beta = rng.uniform(0, 4, (batch, pairs)).astype(np.float32)
-        grads = [_f32(rng, batch, pairs) for _ in range(3)]
+        forward_inputs, grads, types = _sync_arrays(rng, batch, neurons, pairs, np.int32)
+        z, _, _, decay, alpha, _ = forward_inputs
         shape = dict(B=batch, D=neurons, S=pairs)
-        types = [(DType.float32, ["B", "D"]), (DType.int32, ["S"]), (DType.int32, ["S"]),
-                 (DType.float32, ["S"]), (DType.float32, ["B", "S"]), (DType.float32, ["B", "S"])]
-        forward_inputs = [z, left, right, decay, alpha, beta]
         cases.append(Case(
             "sync_update", shape, forward_inputs, types,
             ours=lambda *v: list(kernels.sync_update(*v)),
@@ -369,17 +370,10 @@ def fused_cases(rng) -> list[Case]:
             flops=6 * macs,
         ))
     for batch, neurons, pairs in [(16, 512, 32), (64, 512, 4096)]:
-        z = _f32(rng, batch, neurons)
-        left = rng.integers(0, neurons, pairs)  # int64, as the CTM's pair buffers
-        right = rng.integers(0, neurons, pairs)
-        decay = rng.uniform(0, 1, pairs).astype(np.float32)
-        alpha = _f32(rng, batch, pairs)
-        beta = rng.uniform(0, 4, (batch, pairs)).astype(np.float32)
-        grads = [_f32(rng, batch, pairs) for _ in range(3)]
+        # int64 indices, as in the CTM's pair buffers. The engine op casts them for the kernel.
+        forward_inputs, grads, types = _sync_arrays(rng, batch, neurons, pairs, np.int64)
+        z, _, _, decay, alpha, _ = forward_inputs
         shape = dict(B=batch, D=neurons, S=pairs)
-        types = [(DType.float32, ["B", "D"]), (DType.int64, ["S"]), (DType.int64, ["S"]),
-                 (DType.float32, ["S"]), (DType.float32, ["B", "S"]), (DType.float32, ["B", "S"])]
-        forward_inputs = [z, left, right, decay, alpha, beta]
         cases.append(Case(
             "fused_sync_update", shape, forward_inputs, types,
             ours=lambda *v: _lower_fused("sync_update", v, kernel=True),
@@ -566,7 +560,7 @@ class Runner:
         self.compile_seconds: dict[str, float] = {}
 
     def model(self, case: Case, label: str, build):
-        # Cases with the same input types share one graph; static sizes make a graph of their own.
+        # Cases with the same input types share one graph, and each set of static sizes gets its own.
         signature = ";".join(",".join(str(d) for d in shape) for _, shape in case.input_types)
         key = f"{case.kernel}/{label}[{signature}]"
         if key not in self.models:

@@ -236,7 +236,7 @@ def matvec(
         if isinstance(inner, StaticDim):
             slices = min(MATVEC_MAX_SLICES, max(1, int(inner) // MATVEC_ROWS_PER_SLICE))
     if slices < 1:
-        raise ValueError(f"{op_name}: slices must be >= 1, got {slices}")
+        raise ValueError(f"{op_name}: slices must be >= 1, got {slices}; pass None for the default split")
     (y,) = _custom(op_name, [x, w], [_f32(x, [slices, x.shape[0], w.shape[1]])])  # (S, B, N)
     if slices == 1:
         return ops.squeeze(y, 0)

@@ -267,7 +267,7 @@ def matvec_model(session, device_ref):
     input_types = [f32(device_ref, "B", "K"), f32(device_ref, "K", "N")]
 
     def build(x, w):
-        sliced = kernels.matvec(x, w, slices=3)  # K split in 3 ranges; K < 3 leaves ranges empty
+        sliced = kernels.matvec(x, w, slices=3)  # K split into 3 ranges, some of them empty when K < 3
         return [kernels.matvec(x, w), kernels.matvec(x, w.cast(DType.bfloat16)), sliced]
 
     return compile_graph(session, "matvec_test", input_types, build)

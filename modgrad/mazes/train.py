@@ -552,7 +552,7 @@ def plot_curves(path: str | Path, histories: list[str | Path], baselines: dict[s
     fig = Figure(figsize=(15, 4.2))
     FigureCanvasAgg(fig)
     loss_ax, first_ax, step_ax = (fig.add_subplot(1, 3, i + 1) for i in range(3))
-    colors: dict[str, str] = {}  # one colour per (model, protocol); its seeds share it
+    colors: dict[str, str] = {}  # one colour per (model, protocol), shared by its seeds
     for history_path in histories:
         record = json.loads(Path(history_path).read_text())
         summary, history = record["summary"], record["history"]

@@ -11,9 +11,9 @@ every prompt and every decode step:
   and the new token's k, v rows (layers, 1, B, n_kv, hd).
 
 The layers run as a scan over weights stacked on a leading layer axis, so compile time does not
-grow with depth. Prefill runs the embedding and the output head around the scan with numpy; the
+grow with depth. Prefill runs the embedding and the output head around the scan with numpy. The
 decode step compiles them too, and its products of B rows use ``ops.matvec`` (the Mojo small-batch
-kernel). Weights are float32; bf16 and f16 checkpoints are widened on load.
+kernel). Weights are float32, and bf16 and f16 checkpoints are widened on load.
 TODO: bf16 compute (half the weight bytes per decoded token).
 """
 

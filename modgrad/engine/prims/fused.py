@@ -157,14 +157,14 @@ sync_update_backward_p = register(
 
 
 def _matvec_rule(x, w):
-    (xs, xd), (ws, wd) = x, w
+    (xs, xd), (ws, _) = x, w
     if len(xs) < 2 or len(ws) != 2:
         raise ShapeError(f"expected x (..., K) with rank >= 2 and w (K, N), got {tuple(xs)} and {tuple(ws)}")
     if not is_float(xd):
-        raise ShapeError(f"expected a floating dtype, got {xd}")
+        raise ShapeError(f"matvec needs floating x and w, got {xd}; cast them to float32")
     return _matmul_rule(x, w)
 
 
-# The gradient is that of a matmul; the backward pass has as many rows as the forward, so it
-# gains nothing from a small-batch kernel.
+# The gradient is that of a matmul. The backward pass has as many rows as the forward, so it
+# gains nothing from the small-batch kernel.
 matvec_p = register(Primitive("matvec", _matvec_rule, lambda x, w: [np.matmul(x, w)], _matmul_vjp))

@@ -166,13 +166,14 @@ def init_recurrent(rng, dtype, dense: bool = False) -> dict:
     }
 
 
-def recurrent_loss(params, xs, targets):
+def recurrent_loss(params, xs, targets, remat: bool = False):
     """Cross-entropy of a readout of decayed state averages at every step, plus a final-state penalty.
 
     alpha_t = r * alpha_{t-1} + h_t and beta_t = r * beta_{t-1} + 1 with r = exp(-clip(decay, 0, 15)),
     so alpha_t / sqrt(beta_t) weights recent states more, and gradients reach decay through r. The
     input projection and the readout run outside the loop, as batched matmuls over all steps.
     The recurrent weights ``wh`` are a matrix (h @ wh) or a diagonal (h * wh), by their rank.
+    ``remat`` picks how the loop's gradient gets the step intermediates (see ``mg.scan``).
     """
     batch = ops.shape_of(xs)[1]
     r = ops.exp(-ops.clip(params["decay"], 0.0, 15.0))  # (HR,)
@@ -188,7 +189,7 @@ def recurrent_loss(params, xs, targets):
         beta = r * beta + 1.0
         return (h, alpha, beta), alpha * ops.rsqrt(beta)
 
-    (h, _, _), syncs = mg.scan(tick, (h0, zeros, zeros), inputs)  # syncs (T, B, HR)
+    (h, _, _), syncs = mg.scan(tick, (h0, zeros, zeros), inputs, remat=remat)  # syncs (T, B, HR)
     logits = syncs @ params["wout"]  # (T, B, C)
     targets = ops.one_hot(targets, C, dtype=ops.dtype_of(xs))
     ce = -ops.mean(ops.sum(ops.log_softmax(logits) * targets, axis=-1))
@@ -288,3 +289,95 @@ def test_recurrent_dense_compiled_matches_torch(host_glue, rng):
         assert_close_f32(loss, ref_loss, f"loss, T={steps}")
         for name in params:
             assert_close_f32(grads[name], ref_grads[name], f"gradient of {name}, T={steps}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loop gradients: saved residuals against recomputation
+
+
+def traced_recurrent_gradient(params, xs, targets, remat: bool) -> list:
+    """Trace value_and_grad of the recurrent loss symbolically and return its scan nodes in order."""
+    from modgrad.engine.core import Trace, trace_scope
+
+    trace = Trace(name="test")
+    with trace_scope(trace):
+        traced = {k: trace.placeholder(v.shape, v.dtype) for k, v in params.items()}
+        mg.value_and_grad(recurrent_loss)(traced, trace.placeholder(xs.shape, xs.dtype), targets, remat)
+    return [n for n in trace.nodes if n.prim.name == "scan"], trace
+
+
+@pytest.mark.parametrize("remat", (False, True), ids=("saved", "remat"))
+@pytest.mark.parametrize("dense", (False, True), ids=("diagonal", "dense"))
+def test_recurrent_numpy_program_matches_torch(dense, remat, rng):
+    """A traced program on the numpy device takes the loop gradient from saved residuals unless remat."""
+    params = init_recurrent(rng, np.float64, dense)
+    xs, targets = recurrent_data(rng, T, 3, np.float64)
+    program = mg.compile(lambda p, x, y: mg.value_and_grad(recurrent_loss)(p, x, y, remat), device="numpy")
+    loss, grads = program(params, xs, targets)
+    ref_loss, ref_grads = torch_grads(torch_recurrent_loss, params, xs, targets)
+    assert_close_f64(loss, ref_loss, "loss")
+    for name in params:
+        assert_close_f64(grads[name], ref_grads[name], f"gradient of {name}")
+
+
+@pytest.mark.parametrize("remat", (False, True), ids=("saved", "remat"))
+def test_loop_gradient_recomputes_forward_only_under_remat(remat, rng):
+    params = init_recurrent(rng, np.float32, dense=True)
+    xs, targets = recurrent_data(rng, T, 2, np.float32)
+    (forward, backward), _ = traced_recurrent_gradient(params, xs, targets, remat)
+    backward_prims = {n.prim.name for n in backward.attrs["body"].nodes}
+    forward_outputs = len(forward.attrs["body"].outputs)
+    if remat:
+        assert "tanh" in backward_prims
+        assert forward_outputs == 4  # carry (h, alpha, beta) and the sync
+    else:
+        # tanh's VJP reads the saved output, so the backward step runs no tanh of its own.
+        assert "tanh" not in backward_prims
+        assert forward.attrs["saved"] and forward_outputs > 4
+        assert len(forward.outputs) == forward_outputs + 3  # stacked outputs, then the carry history
+
+
+def test_loop_gradient_saves_no_views(rng):
+    """A transpose or broadcast of a saved value is recomputed by the backward step, not saved too."""
+    from modgrad.engine.prims.control import _RECOMPUTED
+
+    params = init_recurrent(rng, np.float32, dense=True)
+    xs, targets = recurrent_data(rng, T, 2, np.float32)
+    (forward, _), _ = traced_recurrent_gradient(params, xs, targets, remat=False)
+    saved = forward.attrs["body"].outputs[4:]
+    assert saved
+    producers = [v.node.prim.name for v in saved if v.node is not None]
+    assert not set(producers) & _RECOMPUTED, producers
+
+
+def test_loop_gradient_computes_constant_residuals_once(rng):
+    """wh's transpose (for d h = g @ wh.T) depends on no step, so it is computed before the backward loop."""
+    params = init_recurrent(rng, np.float32, dense=True)
+    xs, targets = recurrent_data(rng, T, 2, np.float32)
+    (forward, backward), trace = traced_recurrent_gradient(params, xs, targets, remat=False)
+    consts = backward.inputs[: backward.attrs["n_consts"]]
+    hoisted = [c for c in consts if getattr(c, "node", None) is not None and c.node.prim.name == "transpose"]
+    assert hoisted and all(c.node in trace.nodes for c in hoisted)
+
+
+def test_nested_loop_gradient_matches_eager(rng):
+    """A scan inside a scan body: the inner loop's residuals become residuals of the outer loop."""
+
+    def loss(w, xs):
+        def outer(h, x):
+            def inner(g, k):
+                return ops.tanh(g @ w + x * k), ops.sum(g)
+
+            g, sums = mg.scan(inner, h, np.array([0.5, 1.0, 1.5]))
+            return g, ops.sum(sums)
+
+        h, ys = mg.scan(outer, ops.zeros((2, 4), np.float64), xs)
+        return ops.sum(ops.square(h)) + ops.sum(ys)
+
+    w = rng.standard_normal((4, 4)) / 2.0
+    xs = rng.standard_normal((5, 2, 4))
+    eager = mg.value_and_grad(loss, argnums=(0, 1))(w, xs)
+    traced = mg.compile(mg.value_and_grad(loss, argnums=(0, 1)), device="numpy")(w, xs)
+    np.testing.assert_allclose(traced[0], eager[0], rtol=1e-12)
+    for got, want in zip(traced[1], eager[1]):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)

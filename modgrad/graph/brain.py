@@ -244,11 +244,14 @@ def embed_tokens(params: dict, tokens):
     return ops.gather(params["embeddings"], tokens, axis=0)
 
 
-def brain_forward_tokens(params: dict, buffers: dict, cfg: RegionalConfig, tokens, state: dict | None = None):
+def brain_forward_tokens(params: dict, buffers: dict, cfg: RegionalConfig, tokens, state: dict | None = None,
+                         remat: bool = False):
     """Run the brain over a token window, carrying its state from token to token.
 
     tokens (B, L) int64. Gradients flow through the whole window (backpropagation through time
     over tokens, outer ticks and region ticks). ``state`` defaults to a fresh state.
+    A traced gradient keeps every intermediate of the window in memory. ``remat=True`` keeps only
+    each token's incoming state and recomputes the token's forward pass during the backward pass.
     Returns (logits (B, L, K, out_dims), final state).
     """
     if cfg.is_spatial:
@@ -261,5 +264,5 @@ def brain_forward_tokens(params: dict, buffers: dict, cfg: RegionalConfig, token
         logits, carry = brain_step(params, buffers, cfg, obs_t, carry)
         return carry, logits
 
-    state, logits = ops.scan(body, state, xs=obs)  # logits (L, B, K, out_dims)
+    state, logits = ops.scan(body, state, xs=obs, remat=remat)  # logits (L, B, K, out_dims)
     return ops.transpose(logits, (1, 0, 2, 3)), state

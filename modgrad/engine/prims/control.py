@@ -2,8 +2,14 @@
 
 ``scan(body, init, xs)`` runs ``carry, y = body(carry, x_t)`` for t = 0..T-1 and returns the final
 carry and the ys stacked on a new leading axis. The scan node also outputs each step's incoming
-carry (the history) so that its VJP, itself a reverse scan, can recompute the body step by step
-instead of storing every intermediate of every tick.
+carry (the history). Its VJP is itself a reverse scan, in one of two forms:
+
+- saved residuals (the default when the loop is traced): the forward body is extended to also
+  output, per step, the intermediates that the backward step reads, and the backward body reads
+  them instead of recomputing the forward step. Intermediates that depend only on loop constants
+  (for example a transposed weight) are computed once, outside both loops.
+- recompute (``remat=True``, and for loops that already ran eagerly): the backward body re-runs
+  the forward step from the carry history. Less memory, one more forward step per step.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ def _leaf_aval(x):
     return arr.shape, arr.dtype
 
 
-def _scan_rule(*avals, body: Program, n_consts: int, n_carry: int, length, reverse: bool):
+def _scan_rule(*avals, body: Program, n_consts: int, n_carry: int, length, reverse: bool, remat: bool = False,
+               saved: bool = False):
     carries = avals[n_consts : n_consts + n_carry]
     for (shape, dtype), ph, out in zip(carries, body.inputs[n_consts:], body.outputs[:n_carry]):
         out_shape, out_dtype = _leaf_aval(out)
@@ -49,7 +56,8 @@ def _scan_rule(*avals, body: Program, n_consts: int, n_carry: int, length, rever
     return list(carries) + ys + history
 
 
-def _scan_impl(*args, body: Program, n_consts: int, n_carry: int, length, reverse: bool):
+def _scan_impl(*args, body: Program, n_consts: int, n_carry: int, length, reverse: bool, remat: bool = False,
+               saved: bool = False):
     consts = list(args[:n_consts])
     carry = list(args[n_consts : n_consts + n_carry])
     xs = args[n_consts + n_carry :]
@@ -89,23 +97,27 @@ def _zeros(shape, dtype):
     return bind(broadcast_to_p, np.zeros((), dtype), shape=tuple(shape))
 
 
-def _scan_vjp(node: Node, cts: list):
-    from modgrad.engine.autodiff import backprop
-
+def _scan_parts(node: Node) -> tuple:
+    """Split a scan node into (body, n_consts, n_carry, consts, xs, n_ys, carry history, and which
+    carries, consts, xs and ys are floating point)."""
     a = node.attrs
     body: Program = a["body"]
     nc, ncar = a["n_consts"], a["n_carry"]
     consts = node.inputs[:nc]
     xs = node.inputs[nc + ncar :]
     n_y = len(body.outputs) - ncar
-    outs = node.outputs
-    history = outs[ncar + n_y :]
-    y_avals = [_leaf_aval(y) for y in body.outputs[ncar:]]
-
+    history = node.outputs[ncar + n_y :]
     carry_float = [is_float(ph.dtype) for ph in body.inputs[nc : nc + ncar]]
     const_float = [isinstance(c, Value) and is_float(c.dtype) for c in consts]
     x_float = [isinstance(x, Value) and is_float(x.dtype) for x in xs]
-    y_float = [is_float(dt) for _, dt in y_avals]
+    y_float = [is_float(_leaf_aval(y)[1]) for y in body.outputs[ncar:]]
+    return body, nc, ncar, consts, xs, n_y, history, carry_float, const_float, x_float, y_float
+
+
+def _initial_cotangents(node: Node, cts: list) -> tuple[list, list, list]:
+    """Return the backward loop's start: (final-carry cotangents, ys cotangents, zero const sums)."""
+    _, _, ncar, consts, _, n_y, _, carry_float, const_float, _, y_float = _scan_parts(node)
+    outs = node.outputs
 
     def ct_or_zeros(c, v):
         return c if c is not None else _zeros(v.shape, v.dtype)
@@ -113,27 +125,66 @@ def _scan_vjp(node: Node, cts: list):
     d_final = [ct_or_zeros(cts[i], outs[i]) for i in range(ncar) if carry_float[i]]
     d_ys = [ct_or_zeros(cts[ncar + j], outs[ncar + j]) for j in range(n_y) if y_float[j]]
     acc0 = [_zeros(c.shape, c.dtype) for c, f in zip(consts, const_float) if f]
+    return d_final, d_ys, acc0
+
+
+def _input_cotangents(node: Node, d_init, d_consts, d_xs) -> list:
+    """Order the backward loop's results as the scan node's inputs, None for non-float ones."""
+    _, _, _, _, _, _, _, carry_float, const_float, x_float, _ = _scan_parts(node)
+    d_init_it, d_consts_it, d_xs_it = iter(d_init), iter(d_consts), iter(d_xs)
+    result = [next(d_consts_it) if f else None for f in const_float]
+    result += [next(d_init_it) if f else None for f in carry_float]
+    result += [next(d_xs_it) if f else None for f in x_float]
+    return result
+
+
+def _backward_step(node: Node, trace: Trace, consts: list, h: list, x_t: list, d_carry: list, acc: list,
+                   dy: list) -> tuple[list, list, list, list]:
+    """Record one backward step of a scan node into ``trace``: its forward body, then backprop.
+
+    h, x_t: the step's incoming carry and xs. d_carry, dy: cotangents of the float carries and
+    ys. acc: running sums of the float consts' gradients. Returns (forward outputs, carry
+    cotangents, new sums, xs cotangents).
+    """
+    from modgrad.engine.autodiff import backprop
+
+    body, _, ncar, _, _, _, _, carry_float, const_float, x_float, y_float = _scan_parts(node)
+    fwd = inline(body, list(consts) + h + x_t)
+    seeds_out = [o for o, f in zip(fwd[:ncar], carry_float) if f] + [o for o, f in zip(fwd[ncar:], y_float) if f]
+    wrt_c = [v for v, f in zip(consts, const_float) if f]
+    wrt_h = [v for v, f in zip(h, carry_float) if f]
+    wrt_x = [v for v, f in zip(x_t, x_float) if f]
+    grads = backprop(trace, seeds_out, d_carry + dy, wrt_c + wrt_h + wrt_x)
+    g_c = grads[: len(wrt_c)]
+    g_h = grads[len(wrt_c) : len(wrt_c) + len(wrt_h)]
+    g_x = grads[len(wrt_c) + len(wrt_h) :]
+    new_acc = [s if g is None else s + g for s, g in zip(acc, g_c)]
+    new_d = [_zeros(v.shape, v.dtype) if g is None else g for v, g in zip(wrt_h, g_h)]
+    dx = [_zeros(v.shape, v.dtype) if g is None else g for v, g in zip(wrt_x, g_x)]
+    return fwd, new_d, new_acc, dx
+
+
+def _scan_vjp(node: Node, cts: list):
+    a = node.attrs
+    ran_eagerly = any(o.concrete is not None for o in node.outputs)
+    if a.get("remat") or a.get("saved") or ran_eagerly:
+        return _scan_vjp_recompute(node, cts)
+    result = _scan_vjp_saved(node, cts)
+    return _scan_vjp_recompute(node, cts) if result is None else result
+
+
+def _scan_vjp_recompute(node: Node, cts: list):
+    a = node.attrs
+    _, _, _, consts, xs, _, history, *_ = _scan_parts(node)
+    d_final, d_ys, acc0 = _initial_cotangents(node, cts)
 
     def backward_step(carry, x):
         d_carry, acc = carry
         h, x_t, dy = x
         trace = current_trace()
         const_vals = [trace.capture(c) if isinstance(c, Value) else c for c in consts]
-        fwd = inline(body, const_vals + list(h) + list(x_t))
-        seeds_out = [o for o, f in zip(fwd[:ncar], carry_float) if f] + [
-            o for o, f in zip(fwd[ncar:], y_float) if f
-        ]
-        seeds = list(d_carry) + list(dy)
-        wrt_c = [v for v, f in zip(const_vals, const_float) if f]
-        wrt_h = [v for v, f in zip(h, carry_float) if f]
-        wrt_x = [v for v, f in zip(x_t, x_float) if f]
-        grads = backprop(trace, seeds_out, seeds, wrt_c + wrt_h + wrt_x)
-        g_c = grads[: len(wrt_c)]
-        g_h = grads[len(wrt_c) : len(wrt_c) + len(wrt_h)]
-        g_x = grads[len(wrt_c) + len(wrt_h) :]
-        new_acc = [s if g is None else s + g for s, g in zip(acc, g_c)]
-        new_d = [_zeros(v.shape, v.dtype) if g is None else g for v, g in zip(wrt_h, g_h)]
-        dx = [_zeros(v.shape, v.dtype) if g is None else g for v, g in zip(wrt_x, g_x)]
+        _, new_d, new_acc, dx = _backward_step(node, trace, const_vals, list(h), list(x_t), list(d_carry),
+                                               list(acc), list(dy))
         return (new_d, new_acc), dx
 
     (d_init, d_consts), d_xs = scan(
@@ -142,24 +193,159 @@ def _scan_vjp(node: Node, cts: list):
         (list(history), list(xs), d_ys),
         reverse=not a["reverse"],
     )
-    d_init_it, d_consts_it, d_xs_it = iter(d_init), iter(d_consts), iter(d_xs)
-    result = [next(d_consts_it) if f else None for f in const_float]
-    result += [next(d_init_it) if f else None for f in carry_float]
-    result += [next(d_xs_it) if f else None for f in x_float]
-    return result
+    return _input_cotangents(node, d_init, d_consts, d_xs)
+
+
+def _nodes_for(outputs: list, nodes: list[Node], stop: set[int]) -> list[Node]:
+    """Return the nodes among ``nodes`` (in their order) that ``outputs`` need, not looking past ``stop`` uids."""
+    wanted = {o.uid for o in outputs if isinstance(o, Value)} - stop
+    keep = []
+    for n in reversed(nodes):
+        if any(o.uid in wanted for o in n.outputs):
+            keep.append(n)
+            wanted.update(x.uid for x in n.inputs if isinstance(x, Value) and x.uid not in stop)
+    return keep[::-1]
+
+
+# Ops that only move or relabel data: the backward step recomputes them from their input instead of
+# saving their output, so a value and its views (a transpose, a broadcast) are not stored twice.
+_RECOMPUTED = frozenset({"reshape", "transpose", "broadcast_to", "slice", "identity", "stop_gradient", "cast",
+                         "size_of"})
+
+
+def _backward_side(nodes: list[Node], outputs: list, known: set[int], invariant: set[int]):
+    """Return (the nodes the backward step runs, {uid: value} of the known values it reads).
+
+    known: uids the forward step can provide. Views of known values (``_RECOMPUTED`` ops) move to
+    the backward side unless they depend only on loop constants. ``known`` is updated in place.
+    """
+    producer = {o.uid: n for n in nodes for o in n.outputs}
+    while True:
+        backward = _nodes_for(outputs, nodes, known)
+        boundary: dict[int, Value] = {}
+        for n in backward:
+            for x in n.inputs:
+                if isinstance(x, Value) and x.uid in known:
+                    boundary.setdefault(x.uid, x)
+        for o in outputs:
+            if isinstance(o, Value) and o.uid in known:
+                boundary.setdefault(o.uid, o)
+        views = [producer[u] for u in boundary
+                 if u in producer and u not in invariant and producer[u].prim.name in _RECOMPUTED]
+        if not views:
+            return backward, boundary
+        for n in views:
+            known.difference_update(o.uid for o in n.outputs)
+
+
+def _scan_vjp_saved(node: Node, cts: list):
+    """VJP that saves the forward step's intermediates instead of recomputing them.
+
+    Traces one backward step (the forward body inlined, then backprop) and splits its nodes by
+    what they read. Known nodes read only loop constants, the incoming carry and the step's xs:
+    they can run in the forward loop. The known values that the rest reads are the residuals.
+    Residuals that read only loop constants are computed once before the backward loop. The
+    others become extra per-step outputs of the forward scan node, which is rewritten in place.
+    Returns None when the step cannot be split this way (it captured a value from outside).
+    """
+    a = node.attrs
+    body, nc, ncar, consts, xs, n_y, history, carry_float, const_float, x_float, y_float = _scan_parts(node)
+    outs = node.outputs
+    y_avals = [_leaf_aval(y) for y in body.outputs[ncar:]]
+
+    step = Trace(parent=current_trace(), name="scan backward step")
+    with trace_scope(step):
+        c_ph = [step.placeholder(*_leaf_aval(c)) for c in consts]
+        h_ph = [step.placeholder(ph.shape, ph.dtype) for ph in body.inputs[nc : nc + ncar]]
+        x_ph = [step.placeholder(ph.shape, ph.dtype) for ph in body.inputs[nc + ncar :]]
+        d_ph = [step.placeholder(v.shape, v.dtype) for v, f in zip(h_ph, carry_float) if f]
+        acc_ph = [step.placeholder(v.shape, v.dtype) for v, f in zip(c_ph, const_float) if f]
+        dy_ph = [step.placeholder(shape, dt) for (shape, dt), f in zip(y_avals, y_float) if f]
+        fwd, new_d, new_acc, dx = _backward_step(node, step, c_ph, h_ph, x_ph, d_ph, acc_ph, dy_ph)
+    if step.captures:
+        return None
+    d_final, d_ys, acc0 = _initial_cotangents(node, cts)  # before the node gains residual outputs
+    bwd_outputs = new_d + new_acc + dx
+
+    # Classify every value of the step: constant-only (invariant), forward-known, or backward.
+    invariant = {v.uid for v in c_ph}
+    known = invariant | {v.uid for v in h_ph + x_ph}
+    for n in step.nodes:
+        ins = [x.uid for x in n.inputs if isinstance(x, Value)]
+        if all(u in known for u in ins):
+            known.update(o.uid for o in n.outputs)
+            if all(u in invariant for u in ins):
+                invariant.update(o.uid for o in n.outputs)
+    backward_nodes, boundary = _backward_side(step.nodes, bwd_outputs, known, invariant)
+
+    const_in, const_outer, xs_in, xs_outer = [], [], [], []
+    hoisted, residuals = [], []
+    slots = {v.uid: ("const", i) for i, v in enumerate(c_ph)}
+    slots.update({v.uid: ("history", i) for i, v in enumerate(h_ph)})
+    slots.update({v.uid: ("xs", i) for i, v in enumerate(x_ph)})
+    for uid, v in boundary.items():
+        kind, i = slots.get(uid, ("hoist" if uid in invariant else "residual", -1))
+        if kind == "const":
+            const_in.append(v), const_outer.append(consts[i])
+        elif kind == "hoist":
+            hoisted.append(v)
+        elif kind == "history":
+            xs_in.append(v), xs_outer.append(history[i])
+        elif kind == "xs":
+            xs_in.append(v), xs_outer.append(xs[i])
+        else:
+            residuals.append(v)
+
+    # Constant-only residuals: computed once, in the enclosing trace.
+    if hoisted:
+        prog = Program(list(c_ph), _nodes_for(hoisted, step.nodes, {v.uid for v in c_ph}), hoisted)
+        const_in += hoisted
+        const_outer += inline(prog, list(consts))
+
+    # The forward node now also outputs the per-step residuals.
+    length = a["length"]
+    if residuals:
+        fwd_outputs = list(fwd) + residuals
+        fwd_body = Program(c_ph + h_ph + x_ph, _nodes_for(fwd_outputs, step.nodes, set()), fwd_outputs)
+        owner = outs[0].trace
+        stacked = [Value((length,) + tuple(v.shape), v.dtype, owner, node, None) for v in residuals]
+        node.outputs = outs[: ncar + n_y] + stacked + outs[ncar + n_y :]
+        node.attrs = {**a, "body": fwd_body, "saved": True}
+        xs_in += residuals
+        xs_outer += stacked
+
+    bwd_body = Program(const_in + d_ph + acc_ph + xs_in + dy_ph, backward_nodes, bwd_outputs)
+    bwd = bind(
+        scan_p,
+        *const_outer,
+        *d_final,
+        *acc0,
+        *xs_outer,
+        *d_ys,
+        body=bwd_body,
+        n_consts=len(const_in),
+        n_carry=len(d_ph) + len(acc_ph),
+        length=length,
+        reverse=not a["reverse"],
+        remat=False,
+    )
+    n_carry = len(d_ph) + len(acc_ph)
+    return _input_cotangents(node, bwd[: len(d_ph)], bwd[len(d_ph) : n_carry], bwd[n_carry : n_carry + len(dx)])
 
 
 scan_p = register(Primitive("scan", _scan_rule, _scan_impl, _scan_vjp, multiple_results=True))
 
 
-def scan(body_fn: Callable, init, xs=None, length: int | None = None, reverse: bool = False, unroll: bool = False):
+def scan(body_fn: Callable, init, xs=None, length: int | None = None, reverse: bool = False, unroll: bool = False,
+         remat: bool = False):
     """Loop ``carry, y = body_fn(carry, x)`` over the leading axis of ``xs`` (or ``length`` steps).
 
     ``init`` and ``xs`` are trees of arrays or values. Returns ``(final_carry, ys)`` with ys stacked
     along a new leading axis of size T. The body is traced once, so compiling a scan costs the same
     for 4 or 4,000 steps. ``unroll=True`` instead calls the body T times in Python: one larger
     straight-line program, worth it for a handful of steps because each compiled loop step costs
-    a separate graph call.
+    a separate graph call. ``remat=True`` makes the gradient recompute each step's forward
+    instead of storing its intermediates (see the module docstring).
     """
     if unroll:
         return _unrolled(body_fn, init, xs, length, reverse)
@@ -210,6 +396,7 @@ def scan(body_fn: Callable, init, xs=None, length: int | None = None, reverse: b
         n_carry=len(init_leaves),
         length=steps,
         reverse=reverse,
+        remat=remat,
     )
     n = len(init_leaves)
     final = tree_unflatten(init_td, outs[:n])

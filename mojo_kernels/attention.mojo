@@ -2,14 +2,12 @@
 
     out[b, h] = sum_j softmax_j(q[b, h] . k[b, j, h] / sqrt(dh)) v[b, j, h]
 
-One work item per batch row and group of `HEADS` heads walks the keys once
-with the running-maximum (online) softmax, in blocks of `KEY_BLOCK` keys.
-Grouping heads makes each key read cover `HEADS` adjacent head rows of k
-and v instead of one.
-
-NOTE: at batch 8 over 1024 keys MAX's built-in composition (two batched
-matmuls and a softmax) is faster on a 2-core CPU; the per-key dot products
-end in a horizontal sum each, and the partial output goes through memory.
+Each work item takes one batch row and a range of heads, and walks the keys
+once with the running-maximum (online) softmax, in blocks of `KEY_BLOCK`
+keys. Within a block it visits every head of its range, `HEADS` at a time,
+so a work item that holds all heads reads each key row of k and v as one
+contiguous stretch. On the CPU a row's heads are split over items only when
+there are too few rows to keep every core busy.
 """
 
 from extensibility import (
@@ -21,6 +19,7 @@ from extensibility import (
 from layout import Coord
 from max.algorithm.functional import elementwise, sync_parallelize
 from max.gpu.host import DeviceContext
+from max.runtime.asyncrt import parallelism_level
 from std.math import ceildiv, exp, sqrt
 from std.utils import StaticTuple
 
@@ -29,6 +28,8 @@ from .host import host_context
 
 comptime HEADS = 4
 comptime KEY_BLOCK = 16
+# Heads one CPU work item may hold; its running maxima and softmax sums live on its stack.
+comptime MAX_ITEM_HEADS = 64
 # Stands for -inf in the running maximum and the block padding: exp of it, less any real score, is 0.
 comptime LOWEST = Float32(-3.0e38)
 
@@ -49,35 +50,6 @@ def _dot[
         total += a[unsafe_offset=a_start + i] * b[unsafe_offset=b_start + i]
         i += 1
     return total
-
-
-@always_inline
-def _scale_add[
-    width: Int
-](
-    dst: Pointer[mut=True, Float32, _],
-    dst_start: Int,
-    dst_scale: Float32,
-    v: Pointer[Float32, _],
-    v_start: Int,
-    v_scale: Float32,
-    size: Int,
-):
-    """Set dst = dst * dst_scale + v * v_scale over `size` elements."""
-    var i = 0
-    while i + width <= size:
-        var d = dst.unsafe_load[width=width](dst_start + i)
-        var x = v.unsafe_load[width=width](v_start + i)
-        dst.unsafe_store(
-            dst_start + i,
-            SIMD[DType.float32, width](v_scale).fma(x, d * dst_scale),
-        )
-        i += width
-    while i < size:
-        dst[unsafe_offset=dst_start + i] = v_scale.fma(
-            v[unsafe_offset=v_start + i], dst[unsafe_offset=dst_start + i] * dst_scale
-        )
-        i += 1
 
 
 @register("mha_single_query")
@@ -121,32 +93,38 @@ struct MhaSingleQuery:
 
         var groups = ceildiv(heads, HEADS)
 
-        @always_inline
-        def item(b: Int, group: Int) {
-            var qp, var kp, var vp, var op_, var heads, var head_dim, var keys,
-            var scale,
-        }:
-            var first = group * HEADS
-            var count = min(HEADS, heads - first)
-            comptime for c in range(1, HEADS + 1):
-                if count == c:
-                    _attend_heads[c, width](
-                        qp, kp, vp, op_, heads, head_dim, keys, scale, b, first
-                    )
-
         comptime if target == "cpu":
-            # `elementwise` would run these few, large items on one thread (see nlm.mojo).
+            # Whole rows when there are enough of them for two items per core, else a
+            # row's head groups spread over items. `elementwise` would run these few,
+            # large items on one thread (see nlm.mojo).
+            var wanted = 2 * parallelism_level(host_context(ctx))
+            var item_groups = max(1, min(groups, (batch * groups) // wanted, MAX_ITEM_HEADS // HEADS))
+            var row_items = ceildiv(groups, item_groups)
 
-            def task(i: Int) {var item, var groups}:
-                item(i // groups, i % groups)
+            def task(i: Int) {
+                var qp, var kp, var vp, var op_, var heads, var head_dim,
+                var keys, var scale, var item_groups, var row_items,
+            }:
+                var first = (i % row_items) * item_groups * HEADS
+                _attend_row[width](
+                    qp, kp, vp, op_, heads, head_dim, keys, scale, i // row_items,
+                    first, min(first + item_groups * HEADS, heads),
+                )
 
-            sync_parallelize(task, batch * groups, host_context(ctx))
+            sync_parallelize(task, batch * row_items, host_context(ctx))
         else:
 
             def attend[
                 simd: Int, alignment: Int = 1
-            ](idx: Coord[...]) {var item}:
-                item(Int(idx[0].value()), Int(idx[1].value()))
+            ](idx: Coord[...]) {
+                var qp, var kp, var vp, var op_, var heads, var head_dim,
+                var keys, var scale,
+            }:
+                var first = Int(idx[1].value()) * HEADS
+                _attend_row[width](
+                    qp, kp, vp, op_, heads, head_dim, keys, scale,
+                    Int(idx[0].value()), first, min(first + HEADS, heads),
+                )
 
             elementwise[simd_width=1, target=target](
                 attend, Coord(batch, groups), ctx
@@ -154,7 +132,51 @@ struct MhaSingleQuery:
 
 
 @always_inline
-def _attend_heads[
+def _attend_row[
+    width: Int
+](
+    q: Pointer[Float32, _],
+    k: Pointer[Float32, _],
+    v: Pointer[Float32, _],
+    output: Pointer[mut=True, Float32, _],
+    heads: Int,
+    head_dim: Int,
+    keys: Int,
+    scale: Float32,
+    b: Int,
+    head_start: Int,
+    head_stop: Int,
+):
+    """Write output[b, head_start:head_stop] (at most `MAX_ITEM_HEADS` heads), walking the keys once."""
+    var running_max = StaticTuple[Float32, MAX_ITEM_HEADS](fill=LOWEST)
+    var total = StaticTuple[Float32, MAX_ITEM_HEADS](fill=0)
+    for h in range(head_start, head_stop):
+        var row = (b * heads + h) * head_dim
+        for i in range(head_dim):
+            output[unsafe_offset=row + i] = 0
+    var start = 0
+    while start < keys:
+        var block = min(KEY_BLOCK, keys - start)
+        var first = head_start
+        while first < head_stop:
+            var count = min(HEADS, head_stop - first)
+            comptime for c in range(1, HEADS + 1):
+                if count == c:
+                    _attend_block[c, width](
+                        q, k, v, output, heads, head_dim, keys, scale, b, first,
+                        start, block, running_max, total, first - head_start,
+                    )
+            first += HEADS
+        start += block
+    for h in range(head_start, head_stop):
+        var row = (b * heads + h) * head_dim
+        var inverse = 1 / total[h - head_start]
+        for i in range(head_dim):
+            output[unsafe_offset=row + i] *= inverse
+
+
+@always_inline
+def _attend_block[
     count: Int, width: Int
 ](
     q: Pointer[Float32, _],
@@ -167,41 +189,44 @@ def _attend_heads[
     scale: Float32,
     b: Int,
     first: Int,
+    start: Int,
+    block: Int,
+    mut running_max: StaticTuple[Float32, MAX_ITEM_HEADS],
+    mut total: StaticTuple[Float32, MAX_ITEM_HEADS],
+    slot: Int,
 ):
-    """Write output[b, first : first + count], walking the keys once for all of those heads.
+    """Fold keys start : start + block into the partial outputs of heads first : first + count.
 
-    Keys go in blocks of `KEY_BLOCK`: a block's scores are independent dot products, and its
-    softmax weights come from one vector `exp`, so the running maximum and the rescaling of the
-    partial output change once per block instead of once per key.
+    A block's scores are independent dot products and its softmax weights come from one vector
+    `exp`, so the running maximum and the rescaling of the partial output change once per block.
+    Each `width`-wide slice of the output stays in a register across the block's keys.
     """
-    var running_max = StaticTuple[Float32, count](fill=LOWEST)
-    var total = StaticTuple[Float32, count](fill=0)
     comptime for g in range(count):
         var row = (b * heads + first + g) * head_dim
-        for i in range(head_dim):
-            output[unsafe_offset=row + i] = 0
-    var start = 0
-    while start < keys:
-        var block = min(KEY_BLOCK, keys - start)
-        comptime for g in range(count):
-            var row = (b * heads + first + g) * head_dim
-            var scores = SIMD[DType.float32, KEY_BLOCK](LOWEST)
+        var scores = SIMD[DType.float32, KEY_BLOCK](LOWEST)
+        for j in range(block):
+            var key = ((b * keys + start + j) * heads + first + g) * head_dim
+            scores[j] = _dot[width](q, k, row, key, head_dim) * scale
+        var old_max = running_max[slot + g]
+        var new_max = max(old_max, scores.reduce_max())
+        var rescale = exp(old_max - new_max)
+        var weights = exp(scores - new_max)  # 0 for the padding past `block`
+        running_max[slot + g] = new_max
+        total[slot + g] = total[slot + g] * rescale + weights.reduce_add()
+        var key0 = ((b * keys + start) * heads + first + g) * head_dim
+        var key_stride = heads * head_dim
+        var i = 0
+        while i + width <= head_dim:
+            var acc = output.unsafe_load[width=width](row + i) * rescale
             for j in range(block):
-                var key = ((b * keys + start + j) * heads + first + g) * head_dim
-                scores[j] = _dot[width](q, k, row, key, head_dim) * scale
-            var new_max = max(running_max[g], scores.reduce_max())
-            var rescale = exp(running_max[g] - new_max)
-            var weights = exp(scores - new_max)  # 0 for the padding past `block`
-            running_max[g] = new_max
-            total[g] = total[g] * rescale + weights.reduce_add()
-            for j in range(block):
-                var key = ((b * keys + start + j) * heads + first + g) * head_dim
-                _scale_add[width](
-                    output, row, rescale if j == 0 else 1, v, key, weights[j], head_dim
+                acc = SIMD[DType.float32, width](weights[j]).fma(
+                    v.unsafe_load[width=width](key0 + j * key_stride + i), acc
                 )
-        start += block
-    comptime for g in range(count):
-        var row = (b * heads + first + g) * head_dim
-        var inverse = 1 / total[g]
-        for i in range(head_dim):
-            output[unsafe_offset=row + i] *= inverse
+            output.unsafe_store(row + i, acc)
+            i += width
+        while i < head_dim:
+            var acc = output[unsafe_offset=row + i] * rescale
+            for j in range(block):
+                acc = weights[j].fma(v[unsafe_offset=key0 + j * key_stride + i], acc)
+            output[unsafe_offset=row + i] = acc
+            i += 1

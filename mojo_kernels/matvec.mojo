@@ -159,7 +159,7 @@ struct Matvec:
             var stop = min(start + chunk, columns)
             var k_start = min(s * k_per_slice, inner)
             var k_stop = min(k_start + k_per_slice, inner)
-            var ys = yp + s * batch * columns
+            var ys = yp.unsafe_offset(s * batch * columns)
             var rows = min(ROWS, batch - row)
             comptime for r in range(1, ROWS + 1):
                 if rows == r:

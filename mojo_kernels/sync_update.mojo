@@ -27,8 +27,8 @@ from .checks import check_dense, check_dim
 from .host import host_context
 
 
-# (batch row, pair) elements per CPU task in the backward's per-pair and per-row passes: at
-# B 16 and 32 pairs, one task per pass ran in 35 us and 16 tasks in 58 us (2-core CPU).
+# Minimum (batch row, pair) elements per CPU task in the backward: at B 16 and 32 pairs, one
+# task ran in 35 us and 16 tasks in 58 us (an earlier three-pass kernel on a 2-core CPU).
 comptime MIN_TASK_PAIRS = 16384
 
 
@@ -149,12 +149,15 @@ struct SyncUpdateBackward:
         d_decay[i] = sum_b A[b, i] * alpha[b, i] + G[b, i] * beta[b, i]
         d_z[b, l] += A[b, i] * z[b, r],  d_z[b, r] += A[b, i] * z[b, l]
 
-    Three passes (state gradients, decay gradient, neuron scatter) each
-    recompute A, so the kernel reads about twice its compulsory bytes: 0.34
-    of one-thread copy bandwidth at B 64, S 4096 on a 2-core CPU.
-    d_z is accumulated by one work item per batch row, pairs in order, so the
-    result is deterministic. NOTE: on a GPU that gives only `B` threads; an
-    atomic scatter would be faster there.
+    On the CPU one pass computes everything: each task owns a range of batch
+    rows and sums their decay gradient into a partial of its own, and the
+    partials are added at the end. The per-pair gathers from z and the scalar
+    scatter into d_z bound it (0.60 of one-thread copy bandwidth at B 64,
+    S 4096 on a 2-core CPU). On a GPU three passes (state gradients, decay
+    gradient, neuron scatter) each recompute A.
+    d_z is accumulated per batch row, pairs in order, so the result is
+    deterministic and the same on both targets. NOTE: on a GPU that gives
+    only `B` threads; an atomic scatter would be faster there.
     """
 
     @staticmethod
@@ -278,46 +281,62 @@ struct SyncUpdateBackward:
                 dzp[unsafe_offset=z_row + l] += d_product * zr
                 dzp[unsafe_offset=z_row + r] += d_product * zl
 
-        if batch > 0 and pairs > 0:
-            elementwise[simd_width=width, target=target](
-                state_grads, Coord(batch, pairs), ctx
-            )
         comptime if target == "cpu":
-            # `elementwise` gives each thread at least 32768 work items (see nlm.mojo), which
-            # would leave these per-pair and per-row passes on one thread.
+            # One pass: each task owns a range of batch rows, writes their state and neuron
+            # gradients, and sums its rows' decay gradient into a partial of its own; the
+            # partials are added after. `elementwise` would give each thread at least 32768
+            # items (see nlm.mojo) and keep a pass over a few rows on one thread.
             var tasks = max(
                 1,
                 min(
                     8 * parallelism_level(host_context(ctx)),
                     ceildiv(batch * pairs, MIN_TASK_PAIRS),
+                    batch,
                 ),
             )
-            if pairs > 0:
-                var pair_tasks = min(tasks, ceildiv(pairs, width))
-                var per_task = ceildiv(ceildiv(pairs, pair_tasks), width) * width
+            var rows_per_task = ceildiv(batch, tasks)
+            tasks = ceildiv(batch, rows_per_task) if batch > 0 else 0
+            # Per task: its decay partial, and a row of alpha' gradients for the d_z scatter.
+            var partials = List[Float32](length=tasks * pairs, fill=0)
+            var partial = partials.unsafe_ptr()
+            var scratch_rows = List[Float32](length=tasks * pairs, fill=0)
+            var scratch_row = scratch_rows.unsafe_ptr()
 
-                def decay_task(t: Int) {var decay_grads, var per_task, var pairs}:
-                    var i = t * per_task
-                    var stop = min(i + per_task, pairs)
-                    while i + width <= stop:
-                        decay_grads[width](Coord(i))
-                        i += width
-                    while i < stop:
-                        decay_grads[1](Coord(i))
-                        i += 1
+            def row_task(t: Int) {
+                var zp, var lp, var rp, var dp, var ap, var bp, var gap,
+                var gbp, var gsp, var dzp, var dap, var dbp, var partial,
+                var scratch_row, var rows_per_task, var batch, var neurons, var pairs,
+            }:
+                var acc = partial.unsafe_offset(t * pairs)
+                var scratch = scratch_row.unsafe_offset(t * pairs)
+                for b in range(t * rows_per_task, min((t + 1) * rows_per_task, batch)):
+                    _backward_row[width](
+                        zp, lp, rp, dp, ap, bp, gap, gbp, gsp, dzp, dap, dbp, acc,
+                        scratch, neurons, pairs, b,
+                    )
 
-                sync_parallelize(decay_task, pair_tasks, host_context(ctx))
-            if batch > 0 and neurons > 0:
-
-                var row_tasks = min(tasks, batch)
-                var rows_per_task = ceildiv(batch, row_tasks)
-
-                def row_task(t: Int) {var neuron_grads, var rows_per_task, var batch}:
-                    for b in range(t * rows_per_task, min((t + 1) * rows_per_task, batch)):
-                        neuron_grads[1](Coord(b))
-
-                sync_parallelize(row_task, row_tasks, host_context(ctx))
+            if tasks > 0:
+                sync_parallelize(row_task, tasks, host_context(ctx))
+            var i = 0
+            while i + width <= pairs:
+                var total = SIMD[DType.float32, width](0)
+                for t in range(tasks):
+                    total += partial.unsafe_load[width=width](t * pairs + i)
+                ddp.unsafe_store(i, total)
+                i += width
+            while i < pairs:
+                var total = Float32(0)
+                for t in range(tasks):
+                    total += partial[unsafe_offset=t * pairs + i]
+                ddp[unsafe_offset=i] = total
+                i += 1
+            _ = partials^  # the lists live until the sum above has read them
+            _ = scratch_rows^
         else:
+            if batch > 0 and pairs > 0:
+                elementwise[simd_width=width, target=target](
+                    state_grads, Coord(batch, pairs), ctx
+                )
             if pairs > 0:
                 elementwise[simd_width=width, target=target](
                     decay_grads, Coord(pairs), ctx
@@ -382,3 +401,101 @@ def _total_grads[
         2 * b_new
     )
     return (total_alpha, total_beta)
+
+
+@always_inline
+def _backward_row[
+    width: Int
+](
+    zp: Pointer[Float32, _],
+    lp: Pointer[Int32, _],
+    rp: Pointer[Int32, _],
+    dp: Pointer[Float32, _],
+    ap: Pointer[Float32, _],
+    bp: Pointer[Float32, _],
+    gap: Pointer[Float32, _],
+    gbp: Pointer[Float32, _],
+    gsp: Pointer[Float32, _],
+    dzp: Pointer[mut=True, Float32, _],
+    dap: Pointer[mut=True, Float32, _],
+    dbp: Pointer[mut=True, Float32, _],
+    acc: Pointer[mut=True, Float32, _],
+    scratch: Pointer[mut=True, Float32, _],
+    neurons: Int,
+    pairs: Int,
+    b: Int,
+):
+    """Write d_alpha, d_beta and d_z of batch row b, and add its decay gradient to acc (pairs,).
+
+    A vector sweep over the pairs, then a scalar sweep that scatters into d_z in pair order (as
+    the GPU's per-row pass does, so both give the same sums). scratch holds `pairs` floats.
+    """
+    var i = 0
+    while i + width <= pairs:
+        _backward_pairs[width](zp, lp, rp, dp, ap, bp, gap, gbp, gsp, dap, dbp, acc, scratch, neurons, pairs, b, i)
+        i += width
+    while i < pairs:
+        _backward_pairs[1](zp, lp, rp, dp, ap, bp, gap, gbp, gsp, dap, dbp, acc, scratch, neurons, pairs, b, i)
+        i += 1
+    var z_row = b * neurons
+    for j in range(neurons):
+        dzp[unsafe_offset=z_row + j] = 0
+    for i in range(pairs):
+        var l = z_row + _pair_index(lp, i, neurons)
+        var r = z_row + _pair_index(rp, i, neurons)
+        var total_alpha = scratch[unsafe_offset=i]
+        var zl = zp[unsafe_offset=l]
+        var zr = zp[unsafe_offset=r]
+        dzp[unsafe_offset=l] += total_alpha * zr
+        dzp[unsafe_offset=r] += total_alpha * zl
+
+
+@always_inline
+def _backward_pairs[
+    width: Int
+](
+    zp: Pointer[Float32, _],
+    lp: Pointer[Int32, _],
+    rp: Pointer[Int32, _],
+    dp: Pointer[Float32, _],
+    ap: Pointer[Float32, _],
+    bp: Pointer[Float32, _],
+    gap: Pointer[Float32, _],
+    gbp: Pointer[Float32, _],
+    gsp: Pointer[Float32, _],
+    dap: Pointer[mut=True, Float32, _],
+    dbp: Pointer[mut=True, Float32, _],
+    acc: Pointer[mut=True, Float32, _],
+    scratch: Pointer[mut=True, Float32, _],
+    neurons: Int,
+    pairs: Int,
+    b: Int,
+    i: Int,
+):
+    """The backward of `width` pairs from i in batch row b, except the scatter into d_z.
+
+    Writes d_alpha and d_beta, adds the decay gradient to acc (pairs,) and leaves the total
+    gradient on alpha' in scratch (pairs,) for the scatter.
+    """
+    var z_row = b * neurons
+    var row = b * pairs + i
+    var top = Int32(neurons - 1)
+    var li = min(max(lp.unsafe_load[width=width](i), 0), top)
+    var ri = min(max(rp.unsafe_load[width=width](i), 0), top)
+    var zb = zp.unsafe_offset(z_row)
+    var zl = zb.unsafe_gather(li)
+    var zr = zb.unsafe_gather(ri)
+    var d = dp.unsafe_load[width=width](i)
+    var alpha = ap.unsafe_load[width=width](row)
+    var beta = bp.unsafe_load[width=width](row)
+    var a_new = d * alpha + zl * zr
+    var b_new = d * beta + 1
+    # One division for the three quotients: dividing is the slowest step of this loop.
+    var inv_root = 1 / sqrt(b_new)
+    var scaled = gsp.unsafe_load[width=width](row) * inv_root  # grad_sync / sqrt(beta'), and sync = a_new * inv_root
+    var total_alpha = gap.unsafe_load[width=width](row) + scaled
+    var total_beta = gbp.unsafe_load[width=width](row) - scaled * a_new * (0.5 * inv_root * inv_root)
+    dap.unsafe_store(row, d * total_alpha)
+    dbp.unsafe_store(row, d * total_beta)
+    acc.unsafe_store(i, acc.unsafe_load[width=width](i) + total_alpha * alpha + total_beta * beta)
+    scratch.unsafe_store(i, total_alpha)

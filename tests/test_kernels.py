@@ -104,6 +104,7 @@ SYNC_CASES = [  # (B, D, S)
     (4, 9, 98),
     (2, 1, 224),
     (3, 512, 1000),
+    (37, 17, 1500),  # 55,500 (row, pair) elements: the CPU backward splits rows over 4 tasks
 ]
 
 
@@ -369,6 +370,8 @@ MHA_CASES = [  # (B, n, H, dh)
     (1, 224, 8, 9),
     (2, 98, 3, 1),
     (4, 96, 2, 512),
+    (8, 20, 14, 16),  # on a 2-core CPU each work item takes a whole row of 14 heads
+    (1, 33, 70, 8),  # a row's 70 heads spread over work items
 ]
 
 

@@ -8,6 +8,9 @@ keys. Within a block it visits every head of its range, `HEADS` at a time,
 so a work item that holds all heads reads each key row of k and v as one
 contiguous stretch. On the CPU a row's heads are split over items only when
 there are too few rows to keep every core busy.
+
+NOTE: k and v need as many heads as q (no grouped-query sharing), and no
+model calls this kernel yet: CTM and Qwen2 attention lower to MAX built-ins.
 """
 
 from extensibility import (

@@ -321,7 +321,7 @@ def test_recurrent_numpy_program_matches_torch(dense, remat, rng):
 
 
 @pytest.mark.parametrize("remat", (False, True), ids=("saved", "remat"))
-def test_loop_gradient_recomputes_forward_only_under_remat(remat, rng):
+def test_remat_alone_recomputes_forward(remat, rng):
     params = init_recurrent(rng, np.float32, dense=True)
     xs, targets = recurrent_data(rng, T, 2, np.float32)
     (forward, backward), _ = traced_recurrent_gradient(params, xs, targets, remat)
@@ -350,7 +350,7 @@ def test_loop_gradient_saves_no_views(rng):
     assert not set(producers) & _RECOMPUTED, producers
 
 
-def test_loop_gradient_computes_constant_residuals_once(rng):
+def test_constant_residuals_computed_once(rng):
     """wh's transpose (for d h = g @ wh.T) depends on no step, so it is computed before the backward loop."""
     params = init_recurrent(rng, np.float32, dense=True)
     xs, targets = recurrent_data(rng, T, 2, np.float32)

@@ -9,12 +9,12 @@ carry (the history). Its VJP is itself a reverse scan, in one of two forms:
   them instead of recomputing the forward step. Intermediates that depend only on loop constants
   (for example a transposed weight) are computed once, outside both loops.
 - recompute (``remat=True``, and for loops that already ran eagerly): the backward body re-runs
-  the forward step from the carry history. Less memory, one more forward step per step.
+  the forward step from the carry history. It uses less memory and runs every forward step twice.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -97,44 +97,65 @@ def _zeros(shape, dtype):
     return bind(broadcast_to_p, np.zeros((), dtype), shape=tuple(shape))
 
 
-def _scan_parts(node: Node) -> tuple:
-    """Split a scan node into (body, n_consts, n_carry, consts, xs, n_ys, carry history, and which
-    carries, consts, xs and ys are floating point)."""
+class _ScanParts(NamedTuple):
+    """A scan node's body, inputs and carry history, and which of its values are floating point."""
+
+    body: Program
+    n_consts: int
+    n_carry: int
+    consts: list
+    xs: list
+    n_y: int
+    history: list
+    carry_float: list[bool]
+    const_float: list[bool]
+    x_float: list[bool]
+    y_float: list[bool]
+
+
+def _scan_parts(node: Node) -> _ScanParts:
     a = node.attrs
     body: Program = a["body"]
     nc, ncar = a["n_consts"], a["n_carry"]
     consts = node.inputs[:nc]
     xs = node.inputs[nc + ncar :]
     n_y = len(body.outputs) - ncar
-    history = node.outputs[ncar + n_y :]
-    carry_float = [is_float(ph.dtype) for ph in body.inputs[nc : nc + ncar]]
-    const_float = [isinstance(c, Value) and is_float(c.dtype) for c in consts]
-    x_float = [isinstance(x, Value) and is_float(x.dtype) for x in xs]
-    y_float = [is_float(_leaf_aval(y)[1]) for y in body.outputs[ncar:]]
-    return body, nc, ncar, consts, xs, n_y, history, carry_float, const_float, x_float, y_float
+    return _ScanParts(
+        body=body,
+        n_consts=nc,
+        n_carry=ncar,
+        consts=consts,
+        xs=xs,
+        n_y=n_y,
+        history=node.outputs[ncar + n_y :],
+        carry_float=[is_float(ph.dtype) for ph in body.inputs[nc : nc + ncar]],
+        const_float=[isinstance(c, Value) and is_float(c.dtype) for c in consts],
+        x_float=[isinstance(x, Value) and is_float(x.dtype) for x in xs],
+        y_float=[is_float(_leaf_aval(y)[1]) for y in body.outputs[ncar:]],
+    )
 
 
 def _initial_cotangents(node: Node, cts: list) -> tuple[list, list, list]:
     """Return the backward loop's start: (final-carry cotangents, ys cotangents, zero const sums)."""
-    _, _, ncar, consts, _, n_y, _, carry_float, const_float, _, y_float = _scan_parts(node)
-    outs = node.outputs
+    parts = _scan_parts(node)
+    ncar, outs = parts.n_carry, node.outputs
 
     def ct_or_zeros(c, v):
         return c if c is not None else _zeros(v.shape, v.dtype)
 
-    d_final = [ct_or_zeros(cts[i], outs[i]) for i in range(ncar) if carry_float[i]]
-    d_ys = [ct_or_zeros(cts[ncar + j], outs[ncar + j]) for j in range(n_y) if y_float[j]]
-    acc0 = [_zeros(c.shape, c.dtype) for c, f in zip(consts, const_float) if f]
+    d_final = [ct_or_zeros(cts[i], outs[i]) for i in range(ncar) if parts.carry_float[i]]
+    d_ys = [ct_or_zeros(cts[ncar + j], outs[ncar + j]) for j in range(parts.n_y) if parts.y_float[j]]
+    acc0 = [_zeros(c.shape, c.dtype) for c, f in zip(parts.consts, parts.const_float) if f]
     return d_final, d_ys, acc0
 
 
 def _input_cotangents(node: Node, d_init, d_consts, d_xs) -> list:
     """Order the backward loop's results as the scan node's inputs, None for non-float ones."""
-    _, _, _, _, _, _, _, carry_float, const_float, x_float, _ = _scan_parts(node)
+    parts = _scan_parts(node)
     d_init_it, d_consts_it, d_xs_it = iter(d_init), iter(d_consts), iter(d_xs)
-    result = [next(d_consts_it) if f else None for f in const_float]
-    result += [next(d_init_it) if f else None for f in carry_float]
-    result += [next(d_xs_it) if f else None for f in x_float]
+    result = [next(d_consts_it) if f else None for f in parts.const_float]
+    result += [next(d_init_it) if f else None for f in parts.carry_float]
+    result += [next(d_xs_it) if f else None for f in parts.x_float]
     return result
 
 
@@ -148,12 +169,14 @@ def _backward_step(node: Node, trace: Trace, consts: list, h: list, x_t: list, d
     """
     from modgrad.engine.autodiff import backprop
 
-    body, _, ncar, _, _, _, _, carry_float, const_float, x_float, y_float = _scan_parts(node)
-    fwd = inline(body, list(consts) + h + x_t)
-    seeds_out = [o for o, f in zip(fwd[:ncar], carry_float) if f] + [o for o, f in zip(fwd[ncar:], y_float) if f]
-    wrt_c = [v for v, f in zip(consts, const_float) if f]
-    wrt_h = [v for v, f in zip(h, carry_float) if f]
-    wrt_x = [v for v, f in zip(x_t, x_float) if f]
+    parts = _scan_parts(node)
+    ncar = parts.n_carry
+    fwd = inline(parts.body, list(consts) + h + x_t)
+    seeds_out = [o for o, f in zip(fwd[:ncar], parts.carry_float) if f]
+    seeds_out += [o for o, f in zip(fwd[ncar:], parts.y_float) if f]
+    wrt_c = [v for v, f in zip(consts, parts.const_float) if f]
+    wrt_h = [v for v, f in zip(h, parts.carry_float) if f]
+    wrt_x = [v for v, f in zip(x_t, parts.x_float) if f]
     grads = backprop(trace, seeds_out, d_carry + dy, wrt_c + wrt_h + wrt_x)
     g_c = grads[: len(wrt_c)]
     g_h = grads[len(wrt_c) : len(wrt_c) + len(wrt_h)]
@@ -175,7 +198,8 @@ def _scan_vjp(node: Node, cts: list):
 
 def _scan_vjp_recompute(node: Node, cts: list):
     a = node.attrs
-    _, _, _, consts, xs, _, history, *_ = _scan_parts(node)
+    parts = _scan_parts(node)
+    consts, xs, history = parts.consts, parts.xs, parts.history
     d_final, d_ys, acc0 = _initial_cotangents(node, cts)
 
     def backward_step(carry, x):
@@ -198,12 +222,12 @@ def _scan_vjp_recompute(node: Node, cts: list):
 
 def _nodes_for(outputs: list, nodes: list[Node], stop: set[int]) -> list[Node]:
     """Return the nodes among ``nodes`` (in their order) that ``outputs`` need, not looking past ``stop`` uids."""
-    wanted = {o.uid for o in outputs if isinstance(o, Value)} - stop
+    needed = {o.uid for o in outputs if isinstance(o, Value)} - stop
     keep = []
     for n in reversed(nodes):
-        if any(o.uid in wanted for o in n.outputs):
+        if any(o.uid in needed for o in n.outputs):
             keep.append(n)
-            wanted.update(x.uid for x in n.inputs if isinstance(x, Value) and x.uid not in stop)
+            needed.update(x.uid for x in n.inputs if isinstance(x, Value) and x.uid not in stop)
     return keep[::-1]
 
 
@@ -239,7 +263,7 @@ def _backward_side(nodes: list[Node], outputs: list, known: set[int], invariant:
 
 
 def _scan_vjp_saved(node: Node, cts: list):
-    """VJP that saves the forward step's intermediates instead of recomputing them.
+    """Build the scan's VJP from the forward step's saved intermediates instead of recomputing them.
 
     Traces one backward step (the forward body inlined, then backprop) and splits its nodes by
     what they read. Known nodes read only loop constants, the incoming carry and the step's xs:
@@ -249,7 +273,8 @@ def _scan_vjp_saved(node: Node, cts: list):
     Returns None when the step cannot be split this way (it captured a value from outside).
     """
     a = node.attrs
-    body, nc, ncar, consts, xs, n_y, history, carry_float, const_float, x_float, y_float = _scan_parts(node)
+    parts = _scan_parts(node)
+    body, nc, ncar, consts, n_y = parts.body, parts.n_consts, parts.n_carry, parts.consts, parts.n_y
     outs = node.outputs
     y_avals = [_leaf_aval(y) for y in body.outputs[ncar:]]
 
@@ -258,9 +283,9 @@ def _scan_vjp_saved(node: Node, cts: list):
         c_ph = [step.placeholder(*_leaf_aval(c)) for c in consts]
         h_ph = [step.placeholder(ph.shape, ph.dtype) for ph in body.inputs[nc : nc + ncar]]
         x_ph = [step.placeholder(ph.shape, ph.dtype) for ph in body.inputs[nc + ncar :]]
-        d_ph = [step.placeholder(v.shape, v.dtype) for v, f in zip(h_ph, carry_float) if f]
-        acc_ph = [step.placeholder(v.shape, v.dtype) for v, f in zip(c_ph, const_float) if f]
-        dy_ph = [step.placeholder(shape, dt) for (shape, dt), f in zip(y_avals, y_float) if f]
+        d_ph = [step.placeholder(v.shape, v.dtype) for v, f in zip(h_ph, parts.carry_float) if f]
+        acc_ph = [step.placeholder(v.shape, v.dtype) for v, f in zip(c_ph, parts.const_float) if f]
+        dy_ph = [step.placeholder(shape, dt) for (shape, dt), f in zip(y_avals, parts.y_float) if f]
         fwd, new_d, new_acc, dx = _backward_step(node, step, c_ph, h_ph, x_ph, d_ph, acc_ph, dy_ph)
     if step.captures:
         return None
@@ -286,13 +311,16 @@ def _scan_vjp_saved(node: Node, cts: list):
     for uid, v in boundary.items():
         kind, i = slots.get(uid, ("hoist" if uid in invariant else "residual", -1))
         if kind == "const":
-            const_in.append(v), const_outer.append(consts[i])
+            const_in.append(v)
+            const_outer.append(consts[i])
         elif kind == "hoist":
             hoisted.append(v)
         elif kind == "history":
-            xs_in.append(v), xs_outer.append(history[i])
+            xs_in.append(v)
+            xs_outer.append(parts.history[i])
         elif kind == "xs":
-            xs_in.append(v), xs_outer.append(xs[i])
+            xs_in.append(v)
+            xs_outer.append(parts.xs[i])
         else:
             residuals.append(v)
 

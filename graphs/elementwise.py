@@ -60,6 +60,17 @@ def _sign(x, device):
     return ops.cast(ops.greater(x, zero), x.dtype) - ops.cast(ops.greater(zero, x), x.dtype)
 
 
+@lowering("silu")
+def _silu(x, device):
+    return x * ops.sigmoid(x)
+
+
+@lowering("silu_backward")
+def _silu_backward(x, grad, device):
+    s = ops.sigmoid(x)
+    return grad * s * (1.0 + x * (1.0 - s))
+
+
 @lowering("identity")
 def _identity(x, device):
     return x

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from modgrad.engine.core import Value, bind, normalize_axes
-from modgrad.engine.prims import control, elementwise as ew, fused, linalg, reduce as red, shape as sh
+from modgrad.engine.prims import control, elementwise as ew, fused, linalg, norm, reduce as red, shape as sh
 from modgrad.engine.prims.control import scan
 
 __all__ = [
@@ -90,7 +90,7 @@ def square(x):
 
 
 def silu(x):
-    return mul(x, sigmoid(x))
+    return bind(ew.silu_p, x)
 
 
 def relu(x):
@@ -330,7 +330,16 @@ def log_softmax(x, axis: int = -1):
 
 
 def layer_norm(x, gamma, beta, eps: float = 1e-5):
-    """Normalise the last axis with biased variance, then scale and shift."""
+    """Normalise the last axis with biased variance, then scale and shift.
+
+    gamma and beta of shape (D,) for x (..., D) make one fused op; other broadcastable shapes
+    use the composition.
+    """
+    parts = (x, gamma, beta)
+    last = shape_of(x)[-1:]
+    if (all(_is_tensor(a) for a in parts) and shape_of(gamma) == last == shape_of(beta)
+            and dtype_of(gamma) == dtype_of(x) == dtype_of(beta)):
+        return bind(norm.layer_norm_p, x, gamma, beta, eps=float(eps))
     mu = mean(x, -1, keepdims=True)
     xc = sub(x, mu)
     inv = rsqrt(add(mean(square(xc), -1, keepdims=True), eps))

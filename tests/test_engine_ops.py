@@ -35,6 +35,7 @@ from modgrad import ops
 from modgrad.engine.core import PRIMITIVES, ShapeError, Trace, Value, bind, trace_scope
 from modgrad.engine.prims import elementwise as ew
 from modgrad.engine.prims import fused as fu
+from modgrad.engine.prims import norm
 from modgrad.engine.prims import reduce as red
 from modgrad.engine.prims import shape as sh
 
@@ -267,8 +268,9 @@ COMPOSITE_CASES = [
     Case("logsumexp_axis0_keepdims", lambda x: ops.logsumexp(x, 0, keepdims=True),
          lambda x: torch.logsumexp(x, 0, keepdim=True), lambda r, n, d: [normal(30.0)(r, (n, 2), d)],
          ),
-    Case("layer_norm", ops.layer_norm, lambda x, g, b: F.layer_norm(x, (x.shape[-1],), g, b, eps=1e-5),
-         lambda r, n, d: [normal(2.0)(r, (3, n), d), normal()(r, (n,), d), normal()(r, (n,), d)]),
+    Case("layer_norm_broadcast_gamma", ops.layer_norm,
+         lambda x, g, b: F.layer_norm(x, (x.shape[-1],), None, None, eps=1e-5) * g + b,
+         lambda r, n, d: [normal(2.0)(r, (3, n), d), normal()(r, (3, 1), d), normal()(r, (n,), d)]),
     Case("rms_norm", ops.rms_norm, lambda x, w: F.rms_norm(x, (x.shape[-1],), w, eps=1e-6),
          lambda r, n, d: [normal(2.0)(r, (3, n), d), normal()(r, (n,), d)]),
     Case("glu", ops.glu, lambda x: F.glu(x, -1), lambda r, n, d: [normal()(r, (3, 2 * n), d)]),
@@ -292,7 +294,6 @@ COMPOSITE_CASES = [
          lambda r, n, d: [r.integers(0, 5, (n,))], differentiable=False),
     Case("clip", lambda x: ops.clip(x, -0.5, 0.5), lambda x: torch.clamp(x, -0.5, 0.5),
          lambda r, n, d: [normal()(r, (3, n), d)]),
-    Case("silu", ops.silu, F.silu, lambda r, n, d: [normal(3.0)(r, (3, n), d)]),
     Case("relu", ops.relu, torch.relu, lambda r, n, d: [nonzero(r, (3, n), d)]),
     Case("square", ops.square, torch.square, lambda r, n, d: [normal()(r, (3, n), d)]),
     Case("min", lambda x: ops.min(x, axis=1), lambda x: torch.amin(x, dim=1), lambda r, n, d: [normal()(r, (3, n), d)]),
@@ -351,7 +352,43 @@ def sync_update_backward_ref(z, left, right, decay, alpha, beta, *grads):
         return torch.autograd.grad(outs, inputs, grads)
 
 
+def layer_norm_ref(x, gamma, beta):
+    return F.layer_norm(x, (x.shape[-1],), gamma, beta, eps=1e-5)
+
+
+def layer_norm_inputs(rng, n, dtype):
+    return [normal(2.0)(rng, (2, 3, n), dtype), normal()(rng, (n,), dtype), normal()(rng, (n,), dtype)]
+
+
+def layer_norm_backward_ours(x, gamma, grad):
+    return tuple(bind(norm.layer_norm_backward_p, x, gamma, grad, eps=1e-5))
+
+
+def layer_norm_backward_ref(x, gamma, grad):
+    with torch.enable_grad():
+        inputs = [x.detach().requires_grad_(), gamma.detach().requires_grad_(),
+                  torch.zeros_like(gamma, requires_grad=True)]
+        return torch.autograd.grad(layer_norm_ref(*inputs), inputs, grad)
+
+
+def silu_backward_ref(x, grad):
+    """The gradient of SiLU, as a graph that autograd differentiates again when an input requires grad."""
+    differentiate = x.requires_grad or grad.requires_grad
+    with torch.enable_grad():
+        leaf = x if x.requires_grad else x.detach().requires_grad_()
+        out = torch.autograd.grad(F.silu(leaf), leaf, grad, create_graph=differentiate)[0]
+    return out if differentiate else out.detach()
+
+
 FUSED_CASES = [
+    Case("layer_norm", ops.layer_norm, layer_norm_ref, layer_norm_inputs, "layer_norm"),
+    Case("layer_norm_backward", layer_norm_backward_ours, layer_norm_backward_ref,
+         lambda r, n, d: layer_norm_inputs(r, n, d)[:2] + [normal()(r, (2, 3, n), d)], "layer_norm_backward",
+         differentiable=False),
+    Case("silu", ops.silu, F.silu, lambda r, n, d: [normal(3.0)(r, (3, n), d)], "silu"),
+    # Its VJP is checked against torch's double backward of SiLU.
+    Case("silu_backward", lambda x, g: bind(ew.silu_backward_p, x, g), silu_backward_ref,
+         lambda r, n, d: [normal(3.0)(r, (3, n), d), normal()(r, (3, n), d)], "silu_backward"),
     Case("nlm_glu", ops.nlm_glu, nlm_glu_ref, nlm_glu_inputs, "nlm_glu"),
     # The backward primitives have no VJP of their own, so their gradients are not checked.
     Case("nlm_glu_backward", nlm_glu_backward_ours, nlm_glu_backward_ref,

@@ -30,13 +30,10 @@ def _unary(name: str, fn, vjp, float_only: bool = True) -> Primitive:
 
 
 def _sigmoid(x):
-    # Split by sign so exp never overflows.
-    out = np.empty_like(x)
-    pos = x >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
-    ex = np.exp(x[~pos])
-    out[~pos] = ex / (1.0 + ex)
-    return out
+    # exp(-|x|) never overflows; each sign takes the form that divides by a number >= 1.
+    e = np.exp(-np.abs(x))
+    out = np.where(x >= 0, 1.0, e) / (1.0 + e)
+    return out if out.dtype == x.dtype else out.astype(x.dtype)
 
 
 def _o(node):
@@ -63,6 +60,34 @@ floor_p = _unary("floor", np.floor, lambda n, g: [None])
 
 def _identity_vjp(node, g):
     return [g[0]]
+
+
+# SiLU is one op each way: written as x * sigmoid(x), its gradient took five more ops and kept
+# sigmoid(x) and 1 - sigmoid(x) as loop residuals.
+def _silu_backward_impl(x, g):
+    s = _sigmoid(x)
+    return [(g * s * (1.0 + x * (1.0 - s))).astype(x.dtype, copy=False)]
+
+
+def _silu_backward_rule(x, g):
+    if tuple(x[0]) != tuple(g[0]) or x[1] != g[1]:
+        raise ShapeError(f"the output gradient must be {x[0]} {x[1]}, got {g[0]} {g[1]}")
+    return _float_unary_rule(x)
+
+
+def _silu_backward_vjp(node, h):
+    # d/dx [g s (1 + x (1 - s))] = g s (1 - s) (2 + x (1 - 2 s)), with s = sigmoid(x).
+    x, g = node.inputs
+    s = bind(sigmoid_p, x)
+    one_minus = 1.0 - s
+    d_g = h[0] * s * (1.0 + x * one_minus)
+    d_x = h[0] * g * s * one_minus * (2.0 + x * (one_minus - s))
+    return [d_x, d_g]
+
+
+silu_p = _unary("silu", lambda x: x * _sigmoid(x), lambda n, g: [bind(silu_backward_p, _x(n), g[0])])
+silu_backward_p = register(Primitive("silu_backward", _silu_backward_rule, _silu_backward_impl, _silu_backward_vjp))
+
 
 
 identity_p = register(Primitive("identity", _unary_rule, lambda x: [x.copy()], _identity_vjp))

@@ -381,3 +381,29 @@ def test_nested_loop_gradient_matches_eager(rng):
     np.testing.assert_allclose(traced[0], eager[0], rtol=1e-12)
     for got, want in zip(traced[1], eager[1]):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_numpy_scan_skips_unread_outputs(rng):
+    """A scan in a generated numpy program receives the outputs that nothing reads and skips stacking them."""
+    from modgrad.engine.core import Program, Trace, trace_scope
+    from modgrad.engine.interpret import program_runner, run_program
+
+    w = rng.standard_normal((3, 3)) / 2.0
+    h0 = rng.standard_normal((2, 3))
+    trace = Trace(name="test")
+    with trace_scope(trace):
+        h = trace.placeholder(h0.shape, h0.dtype)
+        final, ys = mg.scan(lambda c, _: (ops.tanh(c @ w), ops.sum(c)), h, length=4)
+    (scan_node,) = [n for n in trace.nodes if n.prim.name == "scan"]
+    program = Program(trace.inputs, trace.nodes, [final])
+    unread = scan_node.prim.impl(h0, *scan_node.inputs[1:], **scan_node.attrs, unread=frozenset({1, 2}))
+    assert unread[1] is None
+    assert unread[2] is None
+
+    expected = h0
+    for _ in range(4):
+        expected = np.tanh(expected @ w)
+    (got,) = run_program(program, [h0])
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    np.testing.assert_allclose(unread[0], expected, rtol=1e-12)
+    assert program_runner(program) is program_runner(program)  # generated once per program

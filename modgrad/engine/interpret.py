@@ -41,40 +41,60 @@ def _needs_sizes(attrs: dict) -> bool:
     return isinstance(attrs.get("size"), str)
 
 
-def _prepare(prog: Program) -> list:
-    """Number every value once so each run is a flat loop over slots (cached on the program)."""
-    cached = getattr(prog, "_steps", None)
+def program_runner(prog: Program):
+    """Return ``run(args) -> outputs``: the program as one generated Python function.
+
+    Each node becomes one call with its operands in local variables. Small loop bodies run
+    thousands of times per train step, so the evaluator's own cost per op matters as much as
+    numpy's. A scan node also receives the outputs that nothing reads, so it skips stacking them.
+    Cached on the program.
+    """
+    cached = getattr(prog, "_run", None)
     if cached is not None:
         return cached
-    slot: dict[int, int] = {v.uid: i for i, v in enumerate(prog.inputs)}
-    consts: list = []
-    steps = []
-    for node in prog.nodes:
-        refs = []
-        for x in node.inputs:
+    names: dict[int, str] = {v.uid: f"a{i}" for i, v in enumerate(prog.inputs)}
+    namespace: dict = {"np": np, "bind_sizes": bind_sizes, "resolve_attrs": resolve_attrs, "INPUTS": prog.inputs}
+    read = {x.uid for n in prog.nodes for x in n.inputs if isinstance(x, Value)}
+    read |= {o.uid for o in prog.outputs if isinstance(o, Value)}
+    impls: dict[str, str] = {}
+    lines = ["def run(args):"]
+    if prog.inputs:
+        lines.append(f"    {', '.join(names[v.uid] for v in prog.inputs)}, = [np.asarray(a) for a in args]")
+    if any(_needs_sizes(n.attrs) for n in prog.nodes):
+        lines.append(f"    sizes = bind_sizes(INPUTS, [{', '.join(names[v.uid] for v in prog.inputs)}])")
+    for k, node in enumerate(prog.nodes):
+        fn = impls.setdefault(node.prim.name, f"F{len(impls)}")
+        namespace[fn] = node.prim.impl
+        operands = []
+        for j, x in enumerate(node.inputs):
             if isinstance(x, Value):
-                refs.append(slot[x.uid])
+                operands.append(names[x.uid])
             else:
-                consts.append(x)
-                refs.append(-len(consts))  # negative: a constant
-        outs = []
-        for v in node.outputs:
-            slot[v.uid] = len(slot)
-            outs.append(slot[v.uid])
-        steps.append((node.prim.impl, refs, node.attrs, _needs_sizes(node.attrs), outs))
-    out_refs = [slot[o.uid] if isinstance(o, Value) else o for o in prog.outputs]
-    prog._steps = (steps, consts, len(slot), out_refs)
-    return prog._steps
+                namespace[f"C{k}_{j}"] = x
+                operands.append(f"C{k}_{j}")
+        attrs = dict(node.attrs)
+        if node.prim.name == "scan":
+            attrs["unread"] = frozenset(i for i, o in enumerate(node.outputs) if o.uid not in read)
+        if attrs:
+            namespace[f"A{k}"] = attrs
+            operands.append(f"**resolve_attrs(A{k}, sizes)" if _needs_sizes(attrs) else f"**A{k}")
+        for i, o in enumerate(node.outputs):
+            names[o.uid] = f"v{k}_{i}"
+        call = f"{fn}({', '.join(operands)})"
+        targets = ", ".join(names[o.uid] for o in node.outputs)
+        lines.append(f"    {targets}, = {call}" if targets else f"    {call}")
+    results = []
+    for i, o in enumerate(prog.outputs):
+        if isinstance(o, Value):
+            results.append(names[o.uid])
+        else:
+            namespace[f"OUT{i}"] = np.asarray(o)
+            results.append(f"OUT{i}")
+    lines.append(f"    return [{', '.join(results)}]")
+    exec(compile("\n".join(lines), f"<modgrad program {len(prog.nodes)} nodes>", "exec"), namespace)
+    prog._run = namespace["run"]
+    return prog._run
 
 
 def run_program(prog: Program, args: list) -> list[np.ndarray]:
-    arrays = [np.asarray(a) for a in args]
-    steps, consts, n_slots, out_refs = _prepare(prog)
-    sizes = bind_sizes(prog.inputs, arrays) if any(s[3] for s in steps) else {}
-    env: list = arrays + [None] * (n_slots - len(arrays))
-    for impl, refs, attrs, needs_sizes, outs in steps:
-        ins = [env[r] if r >= 0 else consts[-r - 1] for r in refs]
-        results = impl(*ins, **(resolve_attrs(attrs, sizes) if needs_sizes else attrs))
-        for o, value in zip(outs, results):
-            env[o] = value
-    return [env[r] if isinstance(r, int) else np.asarray(r) for r in out_refs]
+    return program_runner(prog)(args)

@@ -31,7 +31,7 @@ from modgrad.engine.core import (
     register,
     trace_scope,
 )
-from modgrad.engine.interpret import run_program
+from modgrad.engine.interpret import program_runner
 from modgrad.engine.pytree import tree_flatten, tree_unflatten
 
 
@@ -57,25 +57,29 @@ def _scan_rule(*avals, body: Program, n_consts: int, n_carry: int, length, rever
 
 
 def _scan_impl(*args, body: Program, n_consts: int, n_carry: int, length, reverse: bool, remat: bool = False,
-               saved: bool = False):
+               saved: bool = False, unread: frozenset = frozenset()):
+    """Run the loop; outputs whose index is in ``unread`` (nothing reads them) come back as None."""
     consts = list(args[:n_consts])
     carry = list(args[n_consts : n_consts + n_carry])
     xs = args[n_consts + n_carry :]
     steps = int(length) if not xs else xs[0].shape[0]
-    history = [[None] * steps for _ in carry]
-    ys: list = [None] * steps
-    order = range(steps - 1, -1, -1) if reverse else range(steps)
-    for t in order:
-        for i, c in enumerate(carry):
-            history[i][t] = c
-        outs = run_program(body, consts + carry + [x[t] for x in xs])
-        carry = outs[:n_carry]
-        ys[t] = outs[n_carry:]
-    n_y = len(body.outputs) - n_carry
     if steps == 0:
         raise ValueError("scan over zero steps: pass at least one step")
-    stacked_ys = [np.stack([ys[t][j] for t in range(steps)]) for j in range(n_y)]
-    stacked_hist = [np.stack(h) for h in history]
+    n_y = len(body.outputs) - n_carry
+    keep_history = [n_carry + n_y + i not in unread for i in range(n_carry)]
+    history = [[None] * steps if keep else None for keep in keep_history]
+    ys: list = [None] * steps
+    run = program_runner(body)
+    order = range(steps - 1, -1, -1) if reverse else range(steps)
+    for t in order:
+        for h, c in zip(history, carry):
+            if h is not None:
+                h[t] = c
+        outs = run(consts + carry + [x[t] for x in xs])
+        carry = outs[:n_carry]
+        ys[t] = outs[n_carry:]
+    stacked_ys = [None if n_carry + j in unread else np.stack([ys[t][j] for t in range(steps)]) for j in range(n_y)]
+    stacked_hist = [None if h is None else np.stack(h) for h in history]
     return carry + stacked_ys + stacked_hist
 
 

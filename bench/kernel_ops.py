@@ -535,6 +535,38 @@ def _mha_torch(q, k, v):
     ).squeeze(2)
 
 
+def decode_cases(rng) -> list[Case]:
+    """Qwen2.5-0.5B's attention shapes (14 query heads over 2 key/value heads of 64) at one decode step."""
+    from modgrad.graphs.attention import _decode_attention
+
+    cases = []
+    for batch, cached, heads, kv_heads, head_dim in [(1, 1024, 14, 2, 64), (8, 1024, 14, 2, 64), (1, 4096, 14, 2, 64)]:
+        q = _f32(rng, batch, heads, head_dim)
+        k, v = _f32(rng, batch, kv_heads, head_dim), _f32(rng, batch, kv_heads, head_dim)
+        past_k = _f32(rng, cached, batch, kv_heads, head_dim)
+        past_v = _f32(rng, cached, batch, kv_heads, head_dim)
+        new = (DType.float32, ["B", kv_heads, head_dim])
+        cache = (DType.float32, ["L", "B", kv_heads, head_dim])
+        cases.append(Case(
+            "decode_attention", dict(B=batch, L=cached, H=heads, H_kv=kv_heads, dh=head_dim),
+            [q, k, v, past_k, past_v], [(DType.float32, ["B", heads, head_dim]), new, new, cache, cache],
+            ours=lambda *xs: [kernels.decode_attention(*xs)],
+            composition=lambda *xs: [_decode_attention(*xs, device=None)],
+            numpy_fn=reference.decode_attention,
+            torch_fn=_decode_torch,
+            bytes=_nbytes(q, k, v, past_k, past_v) + q.nbytes,
+            flops=4 * batch * heads * (cached + 1) * head_dim,
+        ))
+    return cases
+
+
+def _decode_torch(q, k, v, past_k, past_v):
+    keys = torch.cat([past_k.permute(1, 2, 0, 3), k.unsqueeze(2)], 2)  # (B, H_kv, L + 1, dh)
+    values = torch.cat([past_v.permute(1, 2, 0, 3), v.unsqueeze(2)], 2)
+    out = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), keys, values, enable_gqa=True)
+    return out.squeeze(2)
+
+
 CASES: dict[str, Callable[[np.random.Generator], list[Case]]] = {
     "sync_update": sync_cases,
     "nlm": nlm_cases,
@@ -542,6 +574,7 @@ CASES: dict[str, Callable[[np.random.Generator], list[Case]]] = {
     "matvec": matvec_cases,
     "adamw_fused": adamw_cases,
     "mha_single_query": mha_cases,
+    "decode_attention": decode_cases,
 }
 
 

@@ -16,7 +16,7 @@ from max.graph import DeviceRef, TensorValue, ops
 LOWERINGS: dict[str, Callable] = {}
 
 # Part of the compiled-program cache key: bump it whenever a lowering changes what it emits.
-LOWERING_VERSION = 6
+LOWERING_VERSION = 7
 
 _DTYPES = {
     np.dtype(np.float32): DType.float32,
@@ -63,4 +63,4 @@ def lower(name: str, args: list, attrs: dict, device: DeviceRef) -> list[TensorV
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-from modgrad.graphs import elementwise, fused, linalg, norm, reduce, shape  # noqa: E402,F401  (registers the lowerings)
+from modgrad.graphs import attention, elementwise, fused, linalg, norm, reduce, shape  # noqa: E402,F401  (registers the lowerings)

@@ -287,3 +287,19 @@ def mha_single_query(
         _check_dtype(op_name, name, value, (DType.float32,))
     (output,) = _custom(op_name, [q, k, v], [_f32(q, list(q.shape))])
     return output
+
+
+def decode_attention(
+    q: TensorValue,  # (B, H, dh)
+    k: TensorValue,  # (B, H_kv, dh), the new token
+    v: TensorValue,  # (B, H_kv, dh)
+    past_k: TensorValue,  # (L, B, H_kv, dh), the cache
+    past_v: TensorValue,  # (L, B, H_kv, dh)
+) -> TensorValue:
+    """Return one token's grouped-query attention over the cache and itself, (B, H, dh)."""
+    op_name = "decode_attention"
+    for name, value, rank in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("past_k", past_k, 4), ("past_v", past_v, 4)):
+        _check_rank(op_name, name, value, rank)
+        _check_dtype(op_name, name, value, (DType.float32,))
+    (output,) = _custom(op_name, [q, k, v, past_k, past_v], [_f32(q, list(q.shape))])
+    return output

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from modgrad.engine.core import Value, bind, normalize_axes
-from modgrad.engine.prims import control, elementwise as ew, fused, linalg, norm, reduce as red, shape as sh
+from modgrad.engine.prims import attention, control, elementwise as ew, fused, linalg, norm, reduce as red, shape as sh
 from modgrad.engine.prims.control import scan
 
 __all__ = [
@@ -22,7 +22,7 @@ __all__ = [
     "matmul", "max", "maximum", "mean", "min", "minimum", "mul", "neg", "one_hot", "ones", "pow", "relu",
     "reshape", "rms_norm", "rsqrt", "scan", "sigmoid", "silu", "sin", "slice_axis", "softmax", "sqrt",
     "square", "squeeze", "stack", "stop_gradient", "sub", "sum", "tanh", "transpose", "var", "where",
-    "zeros", "glu", "matvec", "nlm_glu", "sync_update", "shape_of", "dtype_of",
+    "zeros", "glu", "matvec", "nlm_glu", "sync_update", "decode_attention", "shape_of", "dtype_of",
 ]
 
 
@@ -361,6 +361,18 @@ def matvec(x, w):
     x = x if isinstance(x, Value) else np.asarray(x)
     w = w if isinstance(w, Value) else np.asarray(w)
     return bind(fused.matvec_p, x, w)
+
+
+def decode_attention(q, k, v, past_k, past_v):
+    """Attention of one new token over a key/value cache and itself, with grouped-query heads.
+
+    q (B, H, dh); k and v (B, H_kv, dh), the new token's key and value; past_k and past_v
+    (L, B, H_kv, dh), the cache (L may be 0). Query head h reads key/value head h // (H / H_kv).
+    Returns (B, H, dh). Compiled float32 programs run the Mojo kernel, which reads the cache in
+    place, unless kernels are switched off (see ``modgrad.compile``).
+    """
+    args = [x if isinstance(x, Value) else np.asarray(x) for x in (q, k, v, past_k, past_v)]
+    return bind(attention.decode_attention_p, *args)
 
 
 def glu(x, axis: int = -1):

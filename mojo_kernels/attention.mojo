@@ -1,6 +1,11 @@
 """Attention of one query per (batch, head) over n keys, for decoding.
 
-    out[b, h] = sum_j softmax_j(q[b, h] . k[b, j, h] / sqrt(dh)) v[b, j, h]
+    out[b, h] = sum_j softmax_j(q[b, h] . k[b, j, h // group] / sqrt(dh)) v[b, j, h // group]
+
+`mha_single_query` takes k and v as (B, n, H, dh). `decode_attention` reads a
+transformer's key/value cache as it is stored, (L, B, H_kv, dh), plus the new
+token's (B, H_kv, dh), with H / H_kv query heads sharing each key/value head
+(grouped-query attention).
 
 Each work item takes one batch row and a range of heads, and walks the keys
 once with the running-maximum (online) softmax, in blocks of `KEY_BLOCK`
@@ -9,8 +14,8 @@ so a work item that holds all heads reads each key row of k and v as one
 contiguous stretch. On the CPU a row's heads are split over items only when
 there are too few rows to keep every core busy.
 
-NOTE: k and v need as many heads as q (no grouped-query sharing), and no
-model calls this kernel yet: CTM and Qwen2 attention lower to MAX built-ins.
+NOTE: the CTM's attention lowers to MAX built-ins; only the transformer's
+decode step calls `decode_attention`.
 """
 
 from extensibility import (
@@ -87,64 +92,149 @@ struct MhaSingleQuery:
             return
         if keys == 0:
             raise Error(op, ": k and v contain no keys, and softmax over zero keys is undefined")
-        var qp = q.unsafe_ptr()
-        var kp = k.unsafe_ptr()
-        var vp = v.unsafe_ptr()
-        var op_ = output.unsafe_ptr()
-        var scale = 1 / sqrt(Float32(head_dim))
-        comptime width = get_kernel_simd_width[DType.float32, target]()
+        # Key j of row b starts at b * keys * H * dh + j * H * dh; there is no new-token block.
+        var rows = KeyRows(keys, keys * heads * head_dim, heads * head_dim)
+        var no_rows = KeyRows(0, 0, 0)
+        _launch[target](
+            output.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(), rows,
+            k.unsafe_ptr(), v.unsafe_ptr(), no_rows, batch, heads, head_dim, 1, ctx,
+        )
 
-        var groups = ceildiv(heads, HEADS)
 
-        comptime if target == "cpu":
-            # Whole rows when there are enough of them for two items per core, else a
-            # row's head groups spread over items. `elementwise` would run these few,
-            # large items on one thread (see nlm.mojo).
-            var wanted = 2 * parallelism_level(host_context(ctx))
-            var item_groups = max(1, min(groups, (batch * groups) // wanted, MAX_ITEM_HEADS // HEADS))
-            var row_items = ceildiv(groups, item_groups)
+@register("decode_attention")
+struct DecodeAttention:
+    @staticmethod
+    def execute[
+        target: StaticString
+    ](
+        output: OutputTensor[dtype = DType.float32, rank=3, static_spec=_],
+        q: InputTensor[dtype = DType.float32, rank=3, static_spec=_],
+        k: InputTensor[dtype = DType.float32, rank=3, static_spec=_],
+        v: InputTensor[dtype = DType.float32, rank=3, static_spec=_],
+        past_k: InputTensor[dtype = DType.float32, rank=4, static_spec=_],
+        past_v: InputTensor[dtype = DType.float32, rank=4, static_spec=_],
+        ctx: DeviceContext,
+    ) raises:
+        comptime op = "decode_attention"
+        var batch = q.dim_size(0)
+        var heads = q.dim_size(1)
+        var head_dim = q.dim_size(2)
+        var kv_heads = k.dim_size(1)
+        var cached = past_k.dim_size(0)
+        check_dim(op, "k", k, 0, batch)
+        check_dim(op, "k", k, 2, head_dim)
+        check_dim(op, "v", v, 0, batch)
+        check_dim(op, "v", v, 1, kv_heads)
+        check_dim(op, "v", v, 2, head_dim)
+        check_dim(op, "past_k", past_k, 1, batch)
+        check_dim(op, "past_k", past_k, 2, kv_heads)
+        check_dim(op, "past_k", past_k, 3, head_dim)
+        check_dim(op, "past_v", past_v, 0, cached)
+        check_dim(op, "past_v", past_v, 1, batch)
+        check_dim(op, "past_v", past_v, 2, kv_heads)
+        check_dim(op, "past_v", past_v, 3, head_dim)
+        if kv_heads == 0 or heads % kv_heads != 0:
+            raise Error(op, ": q has ", heads, " heads, not a multiple of the ", kv_heads, " key/value heads")
+        check_dense(op, "q", q)
+        check_dense(op, "k", k)
+        check_dense(op, "v", v)
+        check_dense(op, "past_k", past_k)
+        check_dense(op, "past_v", past_v)
+        check_dense(op, "output", output)
+        if batch == 0 or heads == 0:
+            return
+        var row = kv_heads * head_dim
+        # Cached key j of row b starts at (j * B + b) * H_kv * dh; the new key at b * H_kv * dh.
+        var past_rows = KeyRows(cached, row, batch * row)
+        var new_rows = KeyRows(1, row, row)
+        _launch[target](
+            output.unsafe_ptr(), q.unsafe_ptr(), past_k.unsafe_ptr(), past_v.unsafe_ptr(), past_rows,
+            k.unsafe_ptr(), v.unsafe_ptr(), new_rows, batch, heads, head_dim, heads // kv_heads, ctx,
+        )
 
-            def task(i: Int) {
-                var qp, var kp, var vp, var op_, var heads, var head_dim,
-                var keys, var scale, var item_groups, var row_items,
-            }:
-                var first = (i % row_items) * item_groups * HEADS
-                _attend_row[width](
-                    qp, kp, vp, op_, heads, head_dim, keys, scale, i // row_items,
-                    first, min(first + item_groups * HEADS, heads),
-                )
 
-            sync_parallelize(task, batch * row_items, host_context(ctx))
-        else:
+@fieldwise_init
+struct KeyRows(ImplicitlyCopyable, RegisterPassable):
+    """Where the key rows of one source lie: key j of batch row b starts at b * batch_stride + j * key_stride."""
 
-            def attend[
-                simd: Int, alignment: Int = 1
-            ](idx: Coord[...]) {
-                var qp, var kp, var vp, var op_, var heads, var head_dim,
-                var keys, var scale,
-            }:
-                var first = Int(idx[1].value()) * HEADS
-                _attend_row[width](
-                    qp, kp, vp, op_, heads, head_dim, keys, scale,
-                    Int(idx[0].value()), first, min(first + HEADS, heads),
-                )
+    var keys: Int
+    var batch_stride: Int
+    var key_stride: Int
 
-            elementwise[simd_width=1, target=target](
-                attend, Coord(batch, groups), ctx
+
+def _launch[
+    target: StaticString
+](
+    output: Pointer[mut=True, Float32, _],
+    q: Pointer[Float32, _],
+    k: Pointer[Float32, _],
+    v: Pointer[Float32, _],
+    rows: KeyRows,
+    k_new: Pointer[Float32, _],
+    v_new: Pointer[Float32, _],
+    new_rows: KeyRows,
+    batch: Int,
+    heads: Int,
+    head_dim: Int,
+    group: Int,
+    ctx: DeviceContext,
+) raises:
+    """Attend every (batch row, head) over `rows` of k/v, then `new_rows` of k_new/v_new."""
+    var scale = 1 / sqrt(Float32(head_dim))
+    comptime width = get_kernel_simd_width[DType.float32, target]()
+    var groups = ceildiv(heads, HEADS)
+
+    comptime if target == "cpu":
+        # Whole rows when there are enough of them for two items per core, else a
+        # row's head groups spread over items. `elementwise` would run these few,
+        # large items on one thread (see nlm.mojo).
+        var wanted = 2 * parallelism_level(host_context(ctx))
+        var item_groups = max(1, min(groups, (batch * groups) // wanted, MAX_ITEM_HEADS // HEADS))
+        var row_items = ceildiv(groups, item_groups)
+
+        def task(i: Int) {
+            var output, var q, var k, var v, var rows, var k_new, var v_new, var new_rows,
+            var heads, var head_dim, var group, var scale, var item_groups, var row_items,
+        }:
+            var first = (i % row_items) * item_groups * HEADS
+            _attend_row[width](
+                output, q, k, v, rows, k_new, v_new, new_rows, heads, head_dim, group, scale,
+                i // row_items, first, min(first + item_groups * HEADS, heads),
             )
+
+        sync_parallelize(task, batch * row_items, host_context(ctx))
+    else:
+
+        def attend[
+            simd: Int, alignment: Int = 1
+        ](idx: Coord[...]) {
+            var output, var q, var k, var v, var rows, var k_new, var v_new, var new_rows,
+            var heads, var head_dim, var group, var scale,
+        }:
+            var first = Int(idx[1].value()) * HEADS
+            _attend_row[width](
+                output, q, k, v, rows, k_new, v_new, new_rows, heads, head_dim, group, scale,
+                Int(idx[0].value()), first, min(first + HEADS, heads),
+            )
+
+        elementwise[simd_width=1, target=target](attend, Coord(batch, groups), ctx)
 
 
 @always_inline
 def _attend_row[
     width: Int
 ](
+    output: Pointer[mut=True, Float32, _],
     q: Pointer[Float32, _],
     k: Pointer[Float32, _],
     v: Pointer[Float32, _],
-    output: Pointer[mut=True, Float32, _],
+    rows: KeyRows,
+    k_new: Pointer[Float32, _],
+    v_new: Pointer[Float32, _],
+    new_rows: KeyRows,
     heads: Int,
     head_dim: Int,
-    keys: Int,
+    group: Int,
     scale: Float32,
     b: Int,
     head_start: Int,
@@ -157,20 +247,13 @@ def _attend_row[
         var row = (b * heads + h) * head_dim
         for i in range(head_dim):
             output[unsafe_offset=row + i] = 0
-    var start = 0
-    while start < keys:
-        var block = min(KEY_BLOCK, keys - start)
-        var first = head_start
-        while first < head_stop:
-            var count = min(HEADS, head_stop - first)
-            comptime for c in range(1, HEADS + 1):
-                if count == c:
-                    _attend_block[c, width](
-                        q, k, v, output, heads, head_dim, keys, scale, b, first,
-                        start, block, running_max, total, first - head_start,
-                    )
-            first += HEADS
-        start += block
+    _attend_source[width](
+        output, q, k, v, rows, heads, head_dim, group, scale, b, head_start, head_stop, running_max, total
+    )
+    _attend_source[width](
+        output, q, k_new, v_new, new_rows, heads, head_dim, group, scale, b, head_start, head_stop,
+        running_max, total,
+    )
     for h in range(head_start, head_stop):
         var row = (b * heads + h) * head_dim
         var inverse = 1 / total[h - head_start]
@@ -179,16 +262,53 @@ def _attend_row[
 
 
 @always_inline
-def _attend_block[
-    count: Int, width: Int
+def _attend_source[
+    width: Int
 ](
+    output: Pointer[mut=True, Float32, _],
     q: Pointer[Float32, _],
     k: Pointer[Float32, _],
     v: Pointer[Float32, _],
-    output: Pointer[mut=True, Float32, _],
+    rows: KeyRows,
     heads: Int,
     head_dim: Int,
-    keys: Int,
+    group: Int,
+    scale: Float32,
+    b: Int,
+    head_start: Int,
+    head_stop: Int,
+    mut running_max: StaticTuple[Float32, MAX_ITEM_HEADS],
+    mut total: StaticTuple[Float32, MAX_ITEM_HEADS],
+):
+    """Fold every key of one source into the partial outputs of heads head_start : head_stop."""
+    var start = 0
+    while start < rows.keys:
+        var block = min(KEY_BLOCK, rows.keys - start)
+        var first = head_start
+        while first < head_stop:
+            var count = min(HEADS, head_stop - first)
+            comptime for c in range(1, HEADS + 1):
+                if count == c:
+                    _attend_block[c, width](
+                        output, q, k, v, rows, heads, head_dim, group, scale, b, first,
+                        start, block, running_max, total, first - head_start,
+                    )
+            first += HEADS
+        start += block
+
+
+@always_inline
+def _attend_block[
+    count: Int, width: Int
+](
+    output: Pointer[mut=True, Float32, _],
+    q: Pointer[Float32, _],
+    k: Pointer[Float32, _],
+    v: Pointer[Float32, _],
+    rows: KeyRows,
+    heads: Int,
+    head_dim: Int,
+    group: Int,
     scale: Float32,
     b: Int,
     first: Int,
@@ -206,30 +326,28 @@ def _attend_block[
     """
     comptime for g in range(count):
         var row = (b * heads + first + g) * head_dim
+        var key0 = b * rows.batch_stride + start * rows.key_stride + ((first + g) // group) * head_dim
         var scores = SIMD[DType.float32, KEY_BLOCK](LOWEST)
         for j in range(block):
-            var key = ((b * keys + start + j) * heads + first + g) * head_dim
-            scores[j] = _dot[width](q, k, row, key, head_dim) * scale
+            scores[j] = _dot[width](q, k, row, key0 + j * rows.key_stride, head_dim) * scale
         var old_max = running_max[slot + g]
         var new_max = max(old_max, scores.reduce_max())
         var rescale = exp(old_max - new_max)
         var weights = exp(scores - new_max)  # 0 for the padding past `block`
         running_max[slot + g] = new_max
         total[slot + g] = total[slot + g] * rescale + weights.reduce_add()
-        var key0 = ((b * keys + start) * heads + first + g) * head_dim
-        var key_stride = heads * head_dim
         var i = 0
         while i + width <= head_dim:
             var acc = output.unsafe_load[width=width](row + i) * rescale
             for j in range(block):
                 acc = SIMD[DType.float32, width](weights[j]).fma(
-                    v.unsafe_load[width=width](key0 + j * key_stride + i), acc
+                    v.unsafe_load[width=width](key0 + j * rows.key_stride + i), acc
                 )
             output.unsafe_store(row + i, acc)
             i += width
         while i < head_dim:
             var acc = output[unsafe_offset=row + i] * rescale
             for j in range(block):
-                acc = weights[j].fma(v[unsafe_offset=key0 + j * key_stride + i], acc)
+                acc = weights[j].fma(v[unsafe_offset=key0 + j * rows.key_stride + i], acc)
             output[unsafe_offset=row + i] = acc
             i += 1

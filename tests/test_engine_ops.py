@@ -33,6 +33,7 @@ from hypothesis.extra import numpy as hnp
 import modgrad as mg
 from modgrad import ops
 from modgrad.engine.core import PRIMITIVES, ShapeError, Trace, Value, bind, trace_scope
+from modgrad.engine.prims import attention as at
 from modgrad.engine.prims import elementwise as ew
 from modgrad.engine.prims import fused as fu
 from modgrad.engine.prims import norm
@@ -380,7 +381,36 @@ def silu_backward_ref(x, grad):
     return out if differentiate else out.detach()
 
 
+def decode_attention_inputs(rng, n, dtype):
+    """A cache of n - 1 tokens (empty at n = 1), 2 rows, 4 query heads over 2 key/value heads of size 3."""
+    new = [normal()(rng, (2, 2, 3), dtype) for _ in range(2)]
+    cache = [normal()(rng, (n - 1, 2, 2, 3), dtype) for _ in range(2)]
+    return [normal()(rng, (2, 4, 3), dtype), *new, *cache]
+
+
+def decode_attention_ref(q, k, v, past_k, past_v):
+    keys = torch.cat([past_k.permute(1, 2, 0, 3), k[:, :, None]], 2)  # (B, H_kv, L + 1, dh)
+    values = torch.cat([past_v.permute(1, 2, 0, 3), v[:, :, None]], 2)
+    qg = q.reshape(2, 2, 2, 3)
+    weights = torch.softmax(qg @ keys.transpose(-1, -2) / 3**0.5, -1)
+    return (weights @ values).reshape(2, 4, 3)
+
+
+def decode_attention_backward_ours(*inputs):
+    return tuple(bind(at.decode_attention_backward_p, *inputs))
+
+
+def decode_attention_backward_ref(*inputs):
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in inputs[:5]]
+        return torch.autograd.grad(decode_attention_ref(*leaves), leaves, inputs[5])
+
+
 FUSED_CASES = [
+    Case("decode_attention", ops.decode_attention, decode_attention_ref, decode_attention_inputs, "decode_attention"),
+    Case("decode_attention_backward", decode_attention_backward_ours, decode_attention_backward_ref,
+         lambda r, n, d: decode_attention_inputs(r, n, d) + [normal()(r, (2, 4, 3), d)], "decode_attention_backward",
+         differentiable=False),
     Case("layer_norm", ops.layer_norm, layer_norm_ref, layer_norm_inputs, "layer_norm"),
     Case("layer_norm_backward", layer_norm_backward_ours, layer_norm_backward_ref,
          lambda r, n, d: layer_norm_inputs(r, n, d)[:2] + [normal()(r, (2, 3, n), d)], "layer_norm_backward",

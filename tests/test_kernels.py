@@ -397,6 +397,50 @@ def test_mha_single_query_matches_reference(mha_model, device, batch, keys, head
 
 
 # --------------------------------------------------------------------------------------------
+# decode_attention
+
+
+DECODE_CASES = [  # (B, L, H, H_kv, dh)
+    (1, 0, 1, 1, 1),  # an empty cache: the new token alone
+    (2, 3, 4, 2, 9),
+    (1, 1000, 14, 2, 64),  # Qwen2.5-0.5B's heads
+    (3, 59, 6, 1, 32),
+    (2, 98, 8, 8, 3),
+    (4, 224, 7, 7, 1),
+    (1, 96, 70, 10, 8),  # a row's 70 heads spread over work items
+]
+
+
+@pytest.fixture(scope="module")
+def decode_model(session, device_ref):
+    new = f32(device_ref, "B", "Hkv", "dh")
+    cache = f32(device_ref, "L", "B", "Hkv", "dh")
+    input_types = [f32(device_ref, "B", "H", "dh"), new, new, cache, cache]
+    return compile_graph(session, "decode_test", input_types, lambda *xs: [kernels.decode_attention(*xs)])
+
+
+@pytest.mark.parametrize("batch,cached,heads,kv_heads,head_dim", DECODE_CASES)
+def test_decode_attention_matches_reference(decode_model, device, batch, cached, heads, kv_heads, head_dim):
+    rng = np.random.default_rng(cached + head_dim)
+    q = rng.standard_normal((batch, heads, head_dim)).astype(np.float32)
+    k, v = (rng.standard_normal((batch, kv_heads, head_dim)).astype(np.float32) for _ in range(2))
+    past_k, past_v = (rng.standard_normal((cached, batch, kv_heads, head_dim)).astype(np.float32) for _ in range(2))
+    (output,) = run(decode_model, device, q, k, v, past_k, past_v)
+    inputs64 = as64(q, k, v, past_k, past_v)
+    value_scale = np.maximum(np.abs(inputs64[2]).max(axis=1), np.abs(inputs64[4]).max(axis=(0, 2), initial=0.0))  # (B, dh)
+    assert_close(output, reference.decode_attention(*inputs64), terms=cached + 1 + head_dim,
+                 abs_sum=value_scale[:, None, :])
+
+
+def test_decode_attention_rejects_ungrouped_heads(decode_model, device):
+    q = np.zeros((1, 3, 4), np.float32)
+    new = np.zeros((1, 2, 4), np.float32)
+    cache = np.zeros((5, 1, 2, 4), np.float32)
+    with pytest.raises(Exception, match="not a multiple"):
+        run(decode_model, device, q, new, new, cache, cache)
+
+
+# --------------------------------------------------------------------------------------------
 # torch bridge
 
 
@@ -413,6 +457,22 @@ def test_torch_bridge_sync_update_on_cpu():
         for output, oracle in zip(outputs, expected):
             assert output.dtype == torch.float32
             assert_close(output.numpy(), oracle)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the installed torch is CPU-only")
+def test_torch_bridge_decode_attention_on_cpu():
+    torch = pytest.importorskip("torch")
+    from modgrad.kernels import torch_bridge
+
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((2, 14, 64)).astype(np.float32)
+    k, v = rng.standard_normal((2, 2, 2, 64)).astype(np.float32)
+    past_k, past_v = rng.standard_normal((2, 37, 2, 2, 64)).astype(np.float32)
+    inputs = (q, k, v, past_k, past_v)
+    output = torch_bridge.decode_attention(*(torch.from_numpy(array) for array in inputs))
+    assert output.dtype == torch.float32
+    assert_close(output.numpy(), reference.decode_attention(*as64(*inputs)), terms=38 + 64,
+                 abs_sum=np.abs(np.concatenate([past_v.reshape(-1), v.reshape(-1)])).max())
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,3 +124,17 @@ def mha_single_query(
     weights /= weights.sum(axis=-1, keepdims=True)
     return np.einsum("bhn,bnhd->bhd", weights, v)
 
+
+
+def decode_attention(
+    q: np.ndarray,  # (B, H, dh)
+    k: np.ndarray,  # (B, H_kv, dh), the new token
+    v: np.ndarray,  # (B, H_kv, dh)
+    past_k: np.ndarray,  # (L, B, H_kv, dh), the cache
+    past_v: np.ndarray,  # (L, B, H_kv, dh)
+) -> np.ndarray:
+    """Return one token's attention over the cache and itself; query head h reads key/value head h // G."""
+    group = q.shape[1] // k.shape[1]
+    keys = np.repeat(np.concatenate([past_k.transpose(1, 0, 2, 3), k[:, None]], axis=1), group, axis=2)
+    values = np.repeat(np.concatenate([past_v.transpose(1, 0, 2, 3), v[:, None]], axis=1), group, axis=2)
+    return mha_single_query(q, keys, values)  # keys, values (B, L + 1, H, dh)

@@ -88,6 +88,12 @@ _SPECS: dict[str, _OpSpec] = {
         inputs=((F32, ("B", "H", "dh")), (F32, ("B", "n", "H", "dh")), (F32, ("B", "n", "H", "dh"))),
         outputs=((F32, ("B", "H", "dh")),),
     ),
+    "decode_attention": _OpSpec(
+        graph_kernels.decode_attention,
+        inputs=((F32, ("B", "H", "dh")), (F32, ("B", "Hkv", "dh")), (F32, ("B", "Hkv", "dh")),
+                (F32, ("L", "B", "Hkv", "dh")), (F32, ("L", "B", "Hkv", "dh"))),
+        outputs=((F32, ("B", "H", "dh")),),
+    ),
 }
 
 
@@ -185,3 +191,8 @@ def adamw_fused(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step,
 def mha_single_query(q, k, v):
     """Return ``softmax(q . k / sqrt(dh)) v`` (B, H, dh) for one query per batch row and head."""
     return _call("mha_single_query", [q, k, v], [q.shape])[0]
+
+
+def decode_attention(q, k, v, past_k, past_v):
+    """Return one token's grouped-query attention (B, H, dh) over the cache (L, B, H_kv, dh) and itself."""
+    return _call("decode_attention", [q, k, v, past_k, past_v], [q.shape])[0]

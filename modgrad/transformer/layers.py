@@ -90,27 +90,17 @@ def cached_attention(q, k, v, past_k, past_v, cfg: Qwen2Config):
     """Attention of one new token to the L cached tokens and itself; returns (B, 1, Q).
 
     q is (B, 1, n_heads, hd), k and v (B, 1, n_kv, hd), past_k and past_v (L, B, n_kv, hd). The
-    softmax is taken over the two blocks (past, new) separately and merged, so the cache is never
-    concatenated inside the program.
+    cache is read where it lies: compiled float32 programs run the grouped-query Mojo kernel.
     """
     b = ops.shape_of(q)[0]
-    n_kv, group, hd = cfg.num_key_value_heads, cfg.group_size, cfg.head_dim
-    scale = hd**-0.5
-    q = ops.reshape(q, (b, n_kv, group, hd))  # (B, n_kv, G, hd)
-    k_new = ops.reshape(k, (b, n_kv, hd, 1))
-    v_new = ops.reshape(v, (b, n_kv, 1, hd))
-    # NOTE: these transposes copy the layer's cache on every step, O(L) per token. That is small next
-    # to the weights when n_kv is small (Qwen2.5-0.5B: k and v take 1 KiB per token and layer at batch 1).
-    k_past = ops.transpose(past_k, (1, 2, 3, 0))  # (B, n_kv, hd, L)
-    v_past = ops.transpose(past_v, (1, 2, 0, 3))  # (B, n_kv, L, hd)
-
-    s_past = (q @ k_past) * scale  # (B, n_kv, G, L)
-    s_new = (q @ k_new) * scale  # (B, n_kv, G, 1)
-    m = ops.stop_gradient(ops.maximum(ops.max(s_past, -1, keepdims=True), s_new))
-    e_past = ops.exp(s_past - m)
-    e_new = ops.exp(s_new - m)
-    denom = ops.sum(e_past, -1, keepdims=True) + e_new  # (B, n_kv, G, 1)
-    out = (e_past @ v_past + e_new * v_new) / denom  # (B, n_kv, G, hd)
+    n_kv, hd = cfg.num_key_value_heads, cfg.head_dim
+    out = ops.decode_attention(
+        ops.reshape(q, (b, cfg.num_attention_heads, hd)),
+        ops.reshape(k, (b, n_kv, hd)),
+        ops.reshape(v, (b, n_kv, hd)),
+        past_k,
+        past_v,
+    )  # (B, n_heads, hd)
     return ops.reshape(out, (b, 1, cfg.q_size))
 
 

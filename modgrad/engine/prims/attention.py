@@ -1,0 +1,102 @@
+"""Decode attention: one new token's query heads over a key/value cache and the token itself.
+
+    out[b, h] = sum_j softmax_j(q[b, h] . k_j[b, h // G] / sqrt(dh)) v_j[b, h // G]
+
+over the L cached keys (past_k (L, B, H_kv, dh), the layout a decode loop appends to) and the
+new key (k (B, H_kv, dh)). G = H / H_kv query heads share each key/value head. Compiled float32
+programs run it as the Mojo kernel ``decode_attention``, which reads the cache where it lies.
+The MAX built-in composition first transposes the cache, a copy of it per layer and token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from modgrad.engine.core import Primitive, ShapeError, bind, is_float, register
+
+
+def _decode_attention_rule(q, k, v, past_k, past_v):
+    (qs, qd), (ks, kd), (vs, vd), (pks, pkd), (pvs, pvd) = q, k, v, past_k, past_v
+    if not is_float(qd) or any(d != qd for d in (kd, vd, pkd, pvd)):
+        raise ShapeError(f"expected one floating dtype, got {qd}, {kd}, {vd}, {pkd} and {pvd}")
+    if len(qs) != 3 or len(ks) != 3 or len(pks) != 4:
+        raise ShapeError("expected q (B, H, dh), k and v (B, H_kv, dh), past_k and past_v (L, B, H_kv, dh)")
+    batch, heads, head_dim = qs
+    kv_heads = ks[1]
+    if tuple(vs) != tuple(ks) or ks[0] != batch or ks[2] != head_dim:
+        raise ShapeError(f"k {ks} and v {vs} must both be (B, H_kv, dh) = ({batch}, H_kv, {head_dim})")
+    if tuple(pvs) != tuple(pks) or tuple(pks[1:]) != tuple(ks):
+        raise ShapeError(f"past_k {pks} and past_v {pvs} must both be (L, {batch}, {kv_heads}, {head_dim})")
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or kv_heads == 0 or heads % kv_heads:
+        raise ShapeError(f"q's {heads} heads must be a static multiple of the {kv_heads} key/value heads")
+    return [(qs, qd)]
+
+
+def _grouped(q, kv_heads: int):
+    batch, heads, head_dim = q.shape
+    return q.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # (B, H_kv, G, dh)
+
+
+def _probabilities(q, k, past_k):
+    """Softmax weights over the cache and the new key: (B, H_kv, G, L) and (B, H_kv, G, 1)."""
+    scale = q.shape[-1] ** -0.5
+    qg = _grouped(q, k.shape[1])
+    s_past = np.matmul(qg, past_k.transpose(1, 2, 3, 0)) * scale  # (B, H_kv, G, L)
+    s_new = np.matmul(qg, k[:, :, :, None]) * scale  # (B, H_kv, G, 1)
+    top = s_new if s_past.shape[-1] == 0 else np.maximum(s_past.max(-1, keepdims=True), s_new)
+    e_past, e_new = np.exp(s_past - top), np.exp(s_new - top)
+    denom = e_past.sum(-1, keepdims=True) + e_new
+    return e_past / denom, e_new / denom
+
+
+def _decode_attention_impl(q, k, v, past_k, past_v):
+    p_past, p_new = _probabilities(q, k, past_k)
+    out = np.matmul(p_past, past_v.transpose(1, 2, 0, 3)) + p_new * v[:, :, None, :]  # (B, H_kv, G, dh)
+    return [out.reshape(q.shape).astype(q.dtype, copy=False)]
+
+
+def _decode_attention_vjp(node, g):
+    return bind(decode_attention_backward_p, *node.inputs, g[0])
+
+
+def _decode_attention_backward_rule(q, k, v, past_k, past_v, grad):
+    (out_shape, dtype), = _decode_attention_rule(q, k, v, past_k, past_v)
+    if tuple(grad[0]) != tuple(out_shape) or grad[1] != dtype:
+        raise ShapeError(f"the output gradient must be {out_shape} {dtype}, got {grad[0]} {grad[1]}")
+    return [q, k, v, past_k, past_v]
+
+
+def _decode_attention_backward_impl(q, k, v, past_k, past_v, grad):
+    """Return the gradients of q, k, v, past_k and past_v (softmax VJP: p * (dp - sum(p dp)))."""
+    scale = q.shape[-1] ** -0.5
+    kv_heads = k.shape[1]
+    p_past, p_new = _probabilities(q, k, past_k)
+    qg, gg = _grouped(q, kv_heads), _grouped(grad, kv_heads)  # (B, H_kv, G, dh)
+    v_past = past_v.transpose(1, 2, 0, 3)  # (B, H_kv, L, dh)
+    dp_past = np.matmul(gg, v_past.swapaxes(-1, -2))  # (B, H_kv, G, L)
+    dp_new = (gg * v[:, :, None, :]).sum(-1, keepdims=True)  # (B, H_kv, G, 1)
+    mean = (p_past * dp_past).sum(-1, keepdims=True) + p_new * dp_new
+    ds_past = p_past * (dp_past - mean) * scale
+    ds_new = p_new * (dp_new - mean) * scale
+    k_past = past_k.transpose(1, 2, 0, 3)  # (B, H_kv, L, dh)
+    d_q = np.matmul(ds_past, k_past) + ds_new * k[:, :, None, :]
+    d_k = (ds_new * qg).sum(2)  # (B, H_kv, dh)
+    d_v = (p_new * gg).sum(2)
+    d_past_k = np.matmul(ds_past.swapaxes(-1, -2), qg).transpose(2, 0, 1, 3)  # (L, B, H_kv, dh)
+    d_past_v = np.matmul(p_past.swapaxes(-1, -2), gg).transpose(2, 0, 1, 3)
+    grads = (d_q.reshape(q.shape), d_k, d_v, d_past_k, d_past_v)
+    return [np.ascontiguousarray(a, dtype=q.dtype) for a in grads]
+
+
+decode_attention_p = register(
+    Primitive("decode_attention", _decode_attention_rule, _decode_attention_impl, _decode_attention_vjp)
+)
+# NOTE: no VJP, so a second derivative through decode attention raises NotImplementedError.
+decode_attention_backward_p = register(
+    Primitive(
+        "decode_attention_backward",
+        _decode_attention_backward_rule,
+        _decode_attention_backward_impl,
+        multiple_results=True,
+    )
+)

@@ -567,6 +567,36 @@ def _decode_torch(q, k, v, past_k, past_v):
     return out.squeeze(2)
 
 
+def causal_cases(rng) -> list[Case]:
+    """Prefill of a prompt with Qwen2.5-0.5B's attention shapes (14 query heads over 2 key/value heads of 64)."""
+    from modgrad.graphs.attention import _causal_attention
+
+    cases = []
+    for batch, tokens, heads, kv_heads, head_dim in [(1, 512, 14, 2, 64), (4, 256, 14, 2, 64)]:
+        q = _f32(rng, batch, tokens, heads, head_dim)
+        k, v = _f32(rng, batch, tokens, kv_heads, head_dim), _f32(rng, batch, tokens, kv_heads, head_dim)
+        positions = np.arange(tokens, dtype=np.int64)
+        kv = (DType.float32, ["B", "T", kv_heads, head_dim])
+        cases.append(Case(
+            "causal_attention", dict(B=batch, T=tokens, H=heads, H_kv=kv_heads, dh=head_dim),
+            [q, k, v, positions], [(DType.float32, ["B", "T", heads, head_dim]), kv, kv, (DType.int64, ["T"])],
+            ours=lambda *xs: [kernels.causal_attention(*xs)],
+            composition=lambda *xs: [_causal_attention(*xs, device=None)],
+            numpy_fn=reference.causal_attention,
+            torch_fn=_causal_torch,
+            bytes=_nbytes(q, k, v) + q.nbytes,
+            flops=2 * batch * heads * tokens * (tokens + 1) * head_dim,  # the visible half of QK^T and PV
+        ))
+    return cases
+
+
+def _causal_torch(q, k, v, positions):
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+    )
+    return out.transpose(1, 2)
+
+
 CASES: dict[str, Callable[[np.random.Generator], list[Case]]] = {
     "sync_update": sync_cases,
     "nlm": nlm_cases,
@@ -575,6 +605,7 @@ CASES: dict[str, Callable[[np.random.Generator], list[Case]]] = {
     "adamw_fused": adamw_cases,
     "mha_single_query": mha_cases,
     "decode_attention": decode_cases,
+    "causal_attention": causal_cases,
 }
 
 

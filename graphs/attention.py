@@ -1,4 +1,4 @@
-"""Decode attention lowerings: the Mojo kernel, or the same math in MAX built-in ops."""
+"""Attention lowerings: the Mojo kernels, or the same math in MAX built-in ops."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from max.dtype import DType
 from max.graph import ops
 
 from modgrad.graphs import kernels, lowering
+from modgrad.graphs.reduce import max_last, sum_last
 
 
 def _grouped(x, kv_heads: int):
@@ -43,7 +44,7 @@ def _decode_attention_backward(q, k, v, past_k, past_v, grad, device):
     v_past = ops.permute(past_v, [1, 2, 0, 3])  # (B, H_kv, L, dh)
     k_past = ops.permute(past_k, [1, 2, 0, 3])
     dp_past = ops.matmul(gg, ops.permute(v_past, [0, 1, 3, 2]))  # (B, H_kv, G, L)
-    dp_new = ops.sum(gg * ops.unsqueeze(v, 2), axis=-1)  # (B, H_kv, G, 1)
+    dp_new = sum_last(gg * ops.unsqueeze(v, 2), broadcast_input=True)  # (B, H_kv, G, 1), v broadcast over G
     mean = ops.sum(p_past * dp_past, axis=-1) + p_new * dp_new
     ds_past = p_past * (dp_past - mean) * scale
     ds_new = p_new * (dp_new - mean) * scale
@@ -53,3 +54,67 @@ def _decode_attention_backward(q, k, v, past_k, past_v, grad, device):
     d_past_k = ops.permute(ops.matmul(ops.permute(ds_past, [0, 1, 3, 2]), qg), [2, 0, 1, 3])  # (L, B, H_kv, dh)
     d_past_v = ops.permute(ops.matmul(ops.permute(p_past, [0, 1, 3, 2]), gg), [2, 0, 1, 3])
     return [ops.reshape(d_q, q.shape), d_k, d_v, d_past_k, d_past_v]
+
+
+# --------------------------------------------------------------------------------------------
+# Causal attention
+
+# A masked score: finite, so a fully masked row cannot produce NaN, and exp of it less any real score is 0.
+_MASKED = -3.0e38
+
+
+def _repeat_heads(x, group: int):
+    """(B, T, H_kv, dh) -> (B, H, T, dh), each key/value head repeated for its group of query heads.
+
+    MAX 26.7 rejects batched matmuls of rank 5, so the composition copies k and v per query head.
+    """
+    batch, tokens, kv_heads, head_dim = x.shape
+    x = ops.unsqueeze(ops.permute(x, [0, 2, 1, 3]), 2)  # (B, H_kv, 1, T, dh)
+    x = ops.broadcast_to(x, [batch, kv_heads, group, tokens, head_dim])
+    return ops.reshape(x, [batch, int(kv_heads) * group, tokens, head_dim])
+
+
+def _causal_probabilities(q, k, positions):
+    """Softmax weights (B, H, T, T) and the head-major q, k, with query t attending to keys at positions <= its own."""
+    scale = float(int(q.shape[3])) ** -0.5
+    group = int(q.shape[2]) // int(k.shape[2])
+    qh = ops.permute(q, [0, 2, 1, 3])  # (B, H, T, dh)
+    kh = _repeat_heads(k, group)
+    scores = ops.matmul(qh, ops.permute(kh, [0, 1, 3, 2])) * scale  # (B, H, T, T)
+    visible = ops.greater_equal(ops.unsqueeze(positions, -1), ops.unsqueeze(positions, 0))  # (T, T)
+    masked = ops.where(visible, scores, ops.constant(_MASKED, scores.dtype, scores.device))
+    # The (T, T) mask is broadcast over batch and heads, a fused input that MAX 26.7 reduces wrongly
+    # over its last axis when T is symbolic, so both reductions take the workaround.
+    e = ops.exp(masked - max_last(masked, broadcast_input=True))
+    return e / sum_last(e, broadcast_input=True), qh, kh
+
+
+def _sum_groups(x, kv_heads: int):
+    """(B, H, T, dh) -> (B, T, H_kv, dh), summing the query heads of each group."""
+    batch, heads, tokens, head_dim = x.shape
+    x = ops.reshape(x, [batch, kv_heads, int(heads) // kv_heads, tokens, head_dim])
+    return ops.permute(ops.squeeze(ops.sum(x, axis=2), 2), [0, 2, 1, 3])
+
+
+@lowering("causal_attention")
+def _causal_attention(q, k, v, positions, device, kernel=False):
+    if kernel and all(x.dtype == DType.float32 for x in (q, k, v)):
+        return kernels.causal_attention(q, k, v, positions)
+    p, _, _ = _causal_probabilities(q, k, positions)
+    out = ops.matmul(p, _repeat_heads(v, int(q.shape[2]) // int(k.shape[2])))  # (B, H, T, dh)
+    return ops.permute(out, [0, 2, 1, 3])
+
+
+@lowering("causal_attention_backward")
+def _causal_attention_backward(q, k, v, positions, grad, device):
+    scale = float(int(q.shape[3])) ** -0.5
+    kv_heads = int(k.shape[2])
+    p, qh, kh = _causal_probabilities(q, k, positions)
+    vh = _repeat_heads(v, int(q.shape[2]) // kv_heads)
+    gh = ops.permute(grad, [0, 2, 1, 3])  # (B, H, T, dh)
+    dp = ops.matmul(gh, ops.permute(vh, [0, 1, 3, 2]))  # (B, H, T, T)
+    ds = p * (dp - sum_last(p * dp, broadcast_input=True)) * scale
+    d_q = ops.permute(ops.matmul(ds, kh), [0, 2, 1, 3])
+    d_k = _sum_groups(ops.matmul(ops.permute(ds, [0, 1, 3, 2]), qh), kv_heads)
+    d_v = _sum_groups(ops.matmul(ops.permute(p, [0, 1, 3, 2]), gh), kv_heads)
+    return [d_q, d_k, d_v]

@@ -23,6 +23,7 @@ from modgrad.graphs import LOWERINGS, kernels, lowering
 # ops.matmul at B 1, K 896, N 9728 with the weights read from DRAM. decode_attention (Qwen2.5-0.5B
 # heads, B 1, 1,024 cached tokens; medians with another job on the second core) took 344 us
 # against 1,032 us for the composition, which first copies the cache for its batched matmuls.
+# causal_attention (the same heads, B 1, 512 tokens, same conditions) took 18.3 ms against 32.9 ms.
 # NOTE: GPUs get the same defaults without a measurement.
 KERNEL_DEFAULTS: dict[str, bool] = {
     "nlm_glu": True,
@@ -31,6 +32,7 @@ KERNEL_DEFAULTS: dict[str, bool] = {
     "sync_update_backward": True,
     "matvec": True,
     "decode_attention": True,
+    "causal_attention": True,
 }
 
 ENV_FLAG = "MODGRAD_KERNELS"

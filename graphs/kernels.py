@@ -303,3 +303,20 @@ def decode_attention(
         _check_dtype(op_name, name, value, (DType.float32,))
     (output,) = _custom(op_name, [q, k, v, past_k, past_v], [_f32(q, list(q.shape))])
     return output
+
+
+def causal_attention(
+    q: TensorValue,  # (B, T, H, dh)
+    k: TensorValue,  # (B, T, H_kv, dh)
+    v: TensorValue,  # (B, T, H_kv, dh)
+    positions: TensorValue,  # (T,) int64
+) -> TensorValue:
+    """Return causal grouped-query attention (B, T, H, dh): query t attends to key j where positions[j] <= positions[t]."""
+    op_name = "causal_attention"
+    for name, value in (("q", q), ("k", k), ("v", v)):
+        _check_rank(op_name, name, value, 4)
+        _check_dtype(op_name, name, value, (DType.float32,))
+    _check_rank(op_name, "positions", positions, 1)
+    positions = ops.cast(positions, DType.int64)
+    (output,) = _custom(op_name, [q, k, v, positions], [_f32(q, list(q.shape))])
+    return output

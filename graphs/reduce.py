@@ -34,6 +34,16 @@ def _reduce(fn, x, axes, keepdims, broadcast_input=False):
     return x if keepdims else _squeeze_axes(x, axes)
 
 
+def sum_last(x, broadcast_input: bool = False):
+    """Sum over the last axis, keeping it with size 1 (see ``_reduce`` for ``broadcast_input``)."""
+    return _reduce(lambda v, a: ops.sum(v, axis=a), x, [x.rank - 1], True, broadcast_input)
+
+
+def max_last(x, broadcast_input: bool = False):
+    """Maximum over the last axis, keeping it with size 1 (see ``_reduce`` for ``broadcast_input``)."""
+    return _reduce(lambda v, a: ops.max(v, axis=a), x, [x.rank - 1], True, broadcast_input)
+
+
 @lowering("reduce_sum")
 def _sum(x, device, axes, keepdims, broadcast_input=False):
     return _reduce(lambda v, a: ops.sum(v, axis=a), x, axes, keepdims, broadcast_input)

@@ -22,7 +22,7 @@ __all__ = [
     "matmul", "max", "maximum", "mean", "min", "minimum", "mul", "neg", "one_hot", "ones", "pow", "relu",
     "reshape", "rms_norm", "rsqrt", "scan", "sigmoid", "silu", "sin", "slice_axis", "softmax", "sqrt",
     "square", "squeeze", "stack", "stop_gradient", "sub", "sum", "tanh", "transpose", "var", "where",
-    "zeros", "glu", "matvec", "nlm_glu", "sync_update", "decode_attention", "shape_of", "dtype_of",
+    "zeros", "glu", "matvec", "nlm_glu", "sync_update", "decode_attention", "causal_attention", "shape_of", "dtype_of",
 ]
 
 
@@ -373,6 +373,17 @@ def decode_attention(q, k, v, past_k, past_v):
     """
     args = [x if isinstance(x, Value) else np.asarray(x) for x in (q, k, v, past_k, past_v)]
     return bind(attention.decode_attention_p, *args)
+
+
+def causal_attention(q, k, v, positions):
+    """Causal attention of T tokens with grouped-query heads; query t attends to key j where positions[j] <= positions[t].
+
+    q (B, T, H, dh); k and v (B, T, H_kv, dh); positions (T,) integers. Query head h reads
+    key/value head h // (H / H_kv). Returns (B, T, H, dh). Compiled float32 programs run the
+    Mojo kernel unless kernels are switched off (see ``modgrad.compile``).
+    """
+    args = [x if isinstance(x, Value) else np.asarray(x) for x in (q, k, v, positions)]
+    return bind(attention.causal_attention_p, *args)
 
 
 def glu(x, axis: int = -1):

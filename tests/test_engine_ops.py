@@ -406,7 +406,33 @@ def decode_attention_backward_ref(*inputs):
         return torch.autograd.grad(decode_attention_ref(*leaves), leaves, inputs[5])
 
 
+def causal_attention_inputs(rng, n, dtype):
+    """n tokens (positions 0..n-1), 2 rows, 4 query heads over 2 key/value heads of size 3."""
+    return [normal()(rng, (2, n, 4, 3), dtype), normal()(rng, (2, n, 2, 3), dtype), normal()(rng, (2, n, 2, 3), dtype),
+            np.arange(n, dtype=np.int64)]
+
+
+def causal_attention_ref(q, k, v, positions):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                         enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def causal_attention_backward_ours(*inputs):
+    return tuple(bind(at.causal_attention_backward_p, *inputs))
+
+
+def causal_attention_backward_ref(q, k, v, positions, grad):
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        return torch.autograd.grad(causal_attention_ref(*leaves, positions), leaves, grad)
+
+
 FUSED_CASES = [
+    Case("causal_attention", ops.causal_attention, causal_attention_ref, causal_attention_inputs, "causal_attention"),
+    Case("causal_attention_backward", causal_attention_backward_ours, causal_attention_backward_ref,
+         lambda r, n, d: causal_attention_inputs(r, n, d) + [normal()(r, (2, n, 4, 3), d)],
+         "causal_attention_backward", differentiable=False),
     Case("decode_attention", ops.decode_attention, decode_attention_ref, decode_attention_inputs, "decode_attention"),
     Case("decode_attention_backward", decode_attention_backward_ours, decode_attention_backward_ref,
          lambda r, n, d: decode_attention_inputs(r, n, d) + [normal()(r, (2, 4, 3), d)], "decode_attention_backward",

@@ -441,6 +441,49 @@ def test_decode_attention_rejects_ungrouped_heads(decode_model, device):
 
 
 # --------------------------------------------------------------------------------------------
+# causal_attention
+
+
+CAUSAL_CASES = [  # (B, T, H, H_kv, dh, positions)
+    (1, 1, 1, 1, 1, "arange"),
+    (2, 3, 4, 2, 9, "arange"),
+    (1, 224, 14, 2, 64, "arange"),  # Qwen2.5-0.5B's heads
+    (3, 59, 6, 1, 32, "arange"),
+    (2, 98, 8, 8, 3, "shuffled"),  # positions in no order: visibility follows the positions
+    (1, 96, 70, 10, 8, "repeated"),  # tied positions attend to each other
+]
+
+
+def case_positions(kind: str, tokens: int, rng) -> np.ndarray:
+    if kind == "shuffled":
+        return rng.permutation(tokens).astype(np.int64)
+    if kind == "repeated":
+        return (np.arange(tokens) // 3).astype(np.int64)
+    return np.arange(tokens, dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def causal_model(session, device_ref):
+    kv = f32(device_ref, "B", "T", "Hkv", "dh")
+    positions = TensorType(DType.int64, ["T"], device_ref)
+    input_types = [f32(device_ref, "B", "T", "H", "dh"), kv, kv, positions]
+    return compile_graph(session, "causal_test", input_types, lambda *xs: [kernels.causal_attention(*xs)])
+
+
+@pytest.mark.parametrize("batch,tokens,heads,kv_heads,head_dim,kind", CAUSAL_CASES)
+def test_causal_attention_matches_reference(causal_model, device, batch, tokens, heads, kv_heads, head_dim, kind):
+    rng = np.random.default_rng(tokens + head_dim)
+    q = rng.standard_normal((batch, tokens, heads, head_dim)).astype(np.float32)
+    k, v = (rng.standard_normal((batch, tokens, kv_heads, head_dim)).astype(np.float32) for _ in range(2))
+    positions = case_positions(kind, tokens, rng)
+    (output,) = run(causal_model, device, q, k, v, positions)
+    q64, k64, v64 = as64(q, k, v)
+    value_scale = np.abs(v64).max(axis=(1, 2))  # (B, dh)
+    assert_close(output, reference.causal_attention(q64, k64, v64, positions), terms=tokens + head_dim,
+                 abs_sum=value_scale[:, None, None, :])
+
+
+# --------------------------------------------------------------------------------------------
 # torch bridge
 
 
@@ -473,6 +516,21 @@ def test_torch_bridge_decode_attention_on_cpu():
     assert output.dtype == torch.float32
     assert_close(output.numpy(), reference.decode_attention(*as64(*inputs)), terms=38 + 64,
                  abs_sum=np.abs(np.concatenate([past_v.reshape(-1), v.reshape(-1)])).max())
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the installed torch is CPU-only")
+def test_torch_bridge_causal_attention_on_cpu():
+    torch = pytest.importorskip("torch")
+    from modgrad.kernels import torch_bridge
+
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((2, 17, 14, 64)).astype(np.float32)
+    k, v = rng.standard_normal((2, 2, 17, 2, 64)).astype(np.float32)
+    positions = np.arange(17, dtype=np.int64)
+    output = torch_bridge.causal_attention(*(torch.from_numpy(array) for array in (q, k, v, positions)))
+    assert output.dtype == torch.float32
+    assert_close(output.numpy(), reference.causal_attention(*as64(q, k, v), positions), terms=17 + 64,
+                 abs_sum=np.abs(v).max())
 
 
 # --------------------------------------------------------------------------------------------

@@ -138,3 +138,19 @@ def decode_attention(
     keys = np.repeat(np.concatenate([past_k.transpose(1, 0, 2, 3), k[:, None]], axis=1), group, axis=2)
     values = np.repeat(np.concatenate([past_v.transpose(1, 0, 2, 3), v[:, None]], axis=1), group, axis=2)
     return mha_single_query(q, keys, values)  # keys, values (B, L + 1, H, dh)
+
+
+def causal_attention(
+    q: np.ndarray,  # (B, T, H, dh)
+    k: np.ndarray,  # (B, T, H_kv, dh)
+    v: np.ndarray,  # (B, T, H_kv, dh)
+    positions: np.ndarray,  # (T,) integers
+) -> np.ndarray:
+    """Return causal attention (B, T, H, dh): query t attends to key j where positions[j] <= positions[t]."""
+    group = q.shape[2] // k.shape[2]
+    keys, values = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)  # (B, T, H, dh)
+    scores = np.einsum("bthd,bjhd->bhtj", q, keys) / np.sqrt(q.shape[-1])
+    scores = np.where(positions[:, None] >= positions[None, :], scores, -np.inf)
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("bhtj,bjhd->bthd", weights, values)

@@ -32,7 +32,7 @@ try:  # installed wheel
 except ImportError:  # source checkout, repository root on sys.path
     from modgrad.graphs import kernels as graph_kernels
 
-F32, I32, BF16 = DType.float32, DType.int32, DType.bfloat16
+F32, I32, I64, BF16 = DType.float32, DType.int32, DType.int64, DType.bfloat16
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,12 @@ _SPECS: dict[str, _OpSpec] = {
         inputs=((F32, ("B", "H", "dh")), (F32, ("B", "Hkv", "dh")), (F32, ("B", "Hkv", "dh")),
                 (F32, ("L", "B", "Hkv", "dh")), (F32, ("L", "B", "Hkv", "dh"))),
         outputs=((F32, ("B", "H", "dh")),),
+    ),
+    "causal_attention": _OpSpec(
+        graph_kernels.causal_attention,
+        inputs=((F32, ("B", "T", "H", "dh")), (F32, ("B", "T", "Hkv", "dh")), (F32, ("B", "T", "Hkv", "dh")),
+                (I64, ("T",))),
+        outputs=((F32, ("B", "T", "H", "dh")),),
     ),
 }
 
@@ -196,3 +202,8 @@ def mha_single_query(q, k, v):
 def decode_attention(q, k, v, past_k, past_v):
     """Return one token's grouped-query attention (B, H, dh) over the cache (L, B, H_kv, dh) and itself."""
     return _call("decode_attention", [q, k, v, past_k, past_v], [q.shape])[0]
+
+
+def causal_attention(q, k, v, positions):
+    """Return causal grouped-query attention (B, T, H, dh): query t attends to key j where positions[j] <= positions[t]."""
+    return _call("causal_attention", [q, k, v, positions], [q.shape])[0]

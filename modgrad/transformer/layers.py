@@ -19,10 +19,6 @@ import numpy as np
 from modgrad import ops
 from modgrad.transformer.config import Qwen2Config
 
-# Finite stand-in for -inf in the causal mask: exp(x - max) underflows to exactly 0.
-MASK_VALUE = float(np.finfo(np.float32).min)
-
-
 def rms_norm(x, weight, eps: float):
     """x / sqrt(mean(x^2) + eps) * weight over the last axis."""
     return ops.rms_norm(x, weight, eps)
@@ -62,28 +58,14 @@ def project_qkv(layer: dict, x, cos, sin, cfg: Qwen2Config, matmul=ops.matmul):
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
-def repeat_kv(x, cfg: Qwen2Config):
-    """(B, n_kv, S, hd) -> (B, n_heads, S, hd): query head h reads key/value head h // group_size."""
-    b, n_kv, s, hd = ops.shape_of(x)
-    x = ops.broadcast_to(ops.expand_dims(x, 2), (b, n_kv, cfg.group_size, s, hd))
-    return ops.reshape(x, (b, cfg.num_attention_heads, s, hd))
-
-
 def causal_attention(q, k, v, positions, cfg: Qwen2Config):
-    """Softmax(q k^T / sqrt(hd)) v over the same T tokens with a causal mask; returns (B, T, Q)."""
-    b, t = ops.shape_of(q)[:2]
-    hd = cfg.head_dim
-    # NOTE: repeating k and v per query head copies them group_size times. Grouping the query heads
-    # under their kv head instead needs a rank-5 batched matmul, which MAX 26.7 rejects (max rank 4).
-    q = ops.transpose(q, (0, 2, 1, 3))  # (B, H, T, hd)
-    k_t = repeat_kv(ops.transpose(k, (0, 2, 3, 1)), cfg)  # (B, H, hd, T)
-    v = repeat_kv(ops.transpose(v, (0, 2, 1, 3)), cfg)  # (B, H, T, hd)
+    """Softmax(q k^T / sqrt(hd)) v over the same T tokens with a causal mask; returns (B, T, Q).
 
-    scores = (q @ k_t) * hd**-0.5  # (B, H, T, T)
-    visible = ops.expand_dims(positions, -1) >= ops.expand_dims(positions, 0)  # (T, T) query >= key
-    scores = ops.where(visible, scores, MASK_VALUE)
-    out = ops.softmax(scores, axis=-1) @ v  # (B, H, T, hd)
-    return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, t, cfg.q_size))
+    Query heads share their key/value head without copies: compiled float32 programs run the
+    grouped-query Mojo kernel.
+    """
+    b, t = ops.shape_of(q)[:2]
+    return ops.reshape(ops.causal_attention(q, k, v, positions), (b, t, cfg.q_size))
 
 
 def cached_attention(q, k, v, past_k, past_v, cfg: Qwen2Config):

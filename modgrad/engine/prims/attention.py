@@ -1,4 +1,6 @@
-"""Decode attention: one new token's query heads over a key/value cache and the token itself.
+"""Attention with grouped-query heads: a decode step over a key/value cache, and causal prefill.
+
+Decode attention takes one new token's query heads over the cache and the token itself:
 
     out[b, h] = sum_j softmax_j(q[b, h] . k_j[b, h // G] / sqrt(dh)) v_j[b, h // G]
 
@@ -6,6 +8,11 @@ over the L cached keys (past_k (L, B, H_kv, dh), the layout a decode loop append
 new key (k (B, H_kv, dh)). G = H / H_kv query heads share each key/value head. Compiled float32
 programs run it as the Mojo kernel ``decode_attention``, which reads the cache where it lies.
 The MAX built-in composition first transposes the cache, a copy of it per layer and token.
+
+Causal attention runs every token of a sequence at once (a prompt's prefill, or training):
+query t attends to key j where positions[j] <= positions[t]. Its kernel ``causal_attention`` reads
+k and v once per key/value head. The composition repeats them for every query head of a
+group and builds the (T, T) score matrix of every head.
 """
 
 from __future__ import annotations
@@ -97,6 +104,100 @@ decode_attention_backward_p = register(
         "decode_attention_backward",
         _decode_attention_backward_rule,
         _decode_attention_backward_impl,
+        multiple_results=True,
+    )
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Causal attention over a whole sequence (prefill and training)
+
+
+def _causal_attention_rule(q, k, v, positions):
+    (qs, qd), (ks, kd), (vs, vd), (ps, pd) = q, k, v, positions
+    if not is_float(qd) or kd != qd or vd != qd:
+        raise ShapeError(f"expected one floating dtype, got {qd}, {kd} and {vd}")
+    if not np.issubdtype(pd, np.integer):
+        raise ShapeError(f"positions must be integers, got {pd}")
+    if len(qs) != 4 or len(ks) != 4 or len(ps) != 1:
+        raise ShapeError("expected q (B, T, H, dh), k and v (B, T, H_kv, dh) and positions (T,)")
+    batch, tokens, heads, head_dim = qs
+    kv_heads = ks[2]
+    if tuple(vs) != tuple(ks) or tuple(ks[:2]) != (batch, tokens) or ks[3] != head_dim:
+        raise ShapeError(f"k {ks} and v {vs} must both be ({batch}, {tokens}, H_kv, {head_dim})")
+    if ps[0] != tokens:
+        raise ShapeError(f"positions {ps} must have one entry per token ({tokens})")
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or kv_heads == 0 or heads % kv_heads:
+        raise ShapeError(f"q's {heads} heads must be a static multiple of the {kv_heads} key/value heads")
+    return [(qs, qd)]
+
+
+def _by_group(x, kv_heads: int):
+    """(B, T, H, dh) -> (B, H_kv, G, T, dh)."""
+    batch, tokens, heads, head_dim = x.shape
+    return x.reshape(batch, tokens, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+
+
+def _by_token(x):
+    """(B, H_kv, G, T, dh) -> (B, T, H, dh)."""
+    batch, kv_heads, group, tokens, head_dim = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(batch, tokens, kv_heads * group, head_dim)
+
+
+def _causal_probabilities(q, k, positions):
+    """Softmax weights (B, H_kv, G, T, T): query t attends to key j where positions[j] <= positions[t]."""
+    scale = q.shape[-1] ** -0.5
+    qg = _by_group(q, k.shape[2])
+    keys = k.transpose(0, 2, 3, 1)[:, :, None]  # (B, H_kv, 1, dh, T)
+    visible = positions[:, None] >= positions[None, :]  # (T, T) query, key
+    scores = np.where(visible, np.matmul(qg, keys) * scale, -np.inf)  # a token always attends to itself
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return weights / weights.sum(-1, keepdims=True)
+
+
+def _causal_attention_impl(q, k, v, positions):
+    p = _causal_probabilities(q, k, positions)
+    out = np.matmul(p, v.transpose(0, 2, 1, 3)[:, :, None])  # (B, H_kv, G, T, dh)
+    return [_by_token(out).astype(q.dtype, copy=False)]
+
+
+def _causal_attention_vjp(node, g):
+    d_q, d_k, d_v = bind(causal_attention_backward_p, *node.inputs, g[0])
+    return [d_q, d_k, d_v, None]
+
+
+def _causal_attention_backward_rule(q, k, v, positions, grad):
+    (out_shape, dtype), = _causal_attention_rule(q, k, v, positions)
+    if tuple(grad[0]) != tuple(out_shape) or grad[1] != dtype:
+        raise ShapeError(f"the output gradient must be {out_shape} {dtype}, got {grad[0]} {grad[1]}")
+    return [q, k, v]
+
+
+def _causal_attention_backward_impl(q, k, v, positions, grad):
+    """Return the gradients of q, k and v; the key/value ones sum over each group's query heads."""
+    scale = q.shape[-1] ** -0.5
+    kv_heads = k.shape[2]
+    p = _causal_probabilities(q, k, positions)  # (B, H_kv, G, T, T)
+    qg, gg = _by_group(q, kv_heads), _by_group(grad, kv_heads)  # (B, H_kv, G, T, dh)
+    keys = k.transpose(0, 2, 1, 3)[:, :, None]  # (B, H_kv, 1, T, dh)
+    values = v.transpose(0, 2, 1, 3)[:, :, None]
+    dp = np.matmul(gg, values.swapaxes(-1, -2))  # (B, H_kv, G, T, T)
+    ds = p * (dp - (p * dp).sum(-1, keepdims=True)) * scale
+    d_q = _by_token(np.matmul(ds, keys))
+    d_k = np.matmul(ds.swapaxes(-1, -2), qg).sum(2).transpose(0, 2, 1, 3)  # (B, T, H_kv, dh)
+    d_v = np.matmul(p.swapaxes(-1, -2), gg).sum(2).transpose(0, 2, 1, 3)
+    return [np.ascontiguousarray(a, dtype=q.dtype) for a in (d_q, d_k, d_v)]
+
+
+causal_attention_p = register(
+    Primitive("causal_attention", _causal_attention_rule, _causal_attention_impl, _causal_attention_vjp)
+)
+# NOTE: no VJP, so a second derivative through causal attention raises NotImplementedError.
+causal_attention_backward_p = register(
+    Primitive(
+        "causal_attention_backward",
+        _causal_attention_backward_rule,
+        _causal_attention_backward_impl,
         multiple_results=True,
     )
 )

@@ -41,6 +41,9 @@ parser.add_argument("--blas-threads", type=int, default=1,
                     help="OpenBLAS threads for the numpy device (small matmuls run faster on one thread)")
 parser.add_argument("--render", metavar="PNG", help="draw six held-out mazes with true and predicted routes")
 parser.add_argument("--history", metavar="JSON", help="write the per-step loss and every evaluation to this file")
+parser.add_argument("--checkpoint", metavar="SAFETENSORS", default="",
+                    help="save weights, optimiser state and progress here at every evaluation and at the end; "
+                         "if the file exists, continue that run (same settings; --steps, --budget may differ)")
 parser.add_argument("--baselines", action="store_true", help="print the scores of trivial rules and exit")
 parser.add_argument("--plot", nargs="+", metavar=("PNG", "HISTORY"),
                     help="plot the --history files of finished runs into PNG (with the trivial baselines) and exit")
@@ -90,6 +93,7 @@ cfg = MazeTrainConfig(
     eval_every=args.eval_every,
     budget_s=args.budget,
     device=args.device,
+    checkpoint=args.checkpoint,
 )
 run = train_mazes(cfg, progress=not args.quiet)
 

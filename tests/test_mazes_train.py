@@ -189,6 +189,27 @@ def test_run_reports_all_metrics(model, tmp_path):
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("model", ["ctm", "brain"])
+def test_checkpointed_run_continues_exactly(model, tmp_path):
+    """Two steps, a save, and a second run's two more steps equal four steps in one run."""
+    whole = train_mazes(tiny(model, "fair", steps=4, eval_every=2), progress=False)
+    path = str(tmp_path / "run.safetensors")
+    train_mazes(tiny(model, "fair", steps=2, eval_every=2, checkpoint=path), progress=False)
+    continued = train_mazes(tiny(model, "fair", steps=4, eval_every=2, checkpoint=path), progress=False)
+
+    assert [row[:4] for row in continued.history["train"]] == [row[:4] for row in whole.history["train"]]
+    assert continued.history["eval"] == whole.history["eval"]
+    for got, want in zip(tree_flatten(continued.params)[0], tree_flatten(whole.params)[0], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_checkpoint_of_other_settings_is_rejected(tmp_path):
+    path = str(tmp_path / "run.safetensors")
+    train_mazes(tiny("ctm", "fair", steps=1, checkpoint=path), progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        train_mazes(tiny("ctm", "fair", steps=2, lr=1e-3, checkpoint=path), progress=False)
+
+
 # --------------------------------------------------------------------------------------------
 # Baselines
 

@@ -35,6 +35,7 @@ import numpy as np
 
 import modgrad as mg
 from modgrad import ops
+from modgrad.checkpoint import Checkpoint, load_checkpoint, restructure, save_checkpoint
 from modgrad.files import atomic_write
 from modgrad.ctm.config import CtmConfig, ExitStrategy
 from modgrad.ctm.model import certainty, ctm_forward
@@ -75,6 +76,9 @@ class MazeTrainConfig:
     heldout: evaluation mazes from MazeRng(seed + 999). eval_every: steps between held-out
     evaluations during training (0: only at the end). budget_s: stop training after this many
     seconds of wall time and score the model reached (0: no limit). device: "numpy", "cpu" or "gpu".
+    checkpoint: save the run there (safetensors and JSON) at every evaluation and when training
+    stops; a run started with the same path and settings continues from the saved step. "" turns
+    it off.
     """
 
     model: str = "ctm"
@@ -94,6 +98,7 @@ class MazeTrainConfig:
     eval_every: int = 0
     budget_s: float = 0.0
     device: str = "numpy"
+    checkpoint: str = ""
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -125,6 +130,14 @@ class MazeTrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def run_identity(self) -> dict:
+        """Return the settings a resumed run must share with the saved one (all but its length and timing)."""
+        return {k: v for k, v in self.to_dict().items() if k not in _RESUMABLE}
+
+
+# Settings that may change between the start and the continuation of a checkpointed run.
+_RESUMABLE = ("steps", "eval_every", "budget_s", "checkpoint", "device", "heldout")
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,11 +451,16 @@ def train_mazes(cfg: MazeTrainConfig, progress: bool = True) -> MazeRun:
              model.n_params, cfg.steps, cfg.device)
 
     history: dict = {"train": [], "eval": []}
-    recent: list[float] = []  # per-step training accuracy of the last 50 steps
     train_seconds = 0.0
-    bar = tqdm(total=cfg.steps, disable=not progress, unit="step", dynamic_ncols=True)
+    first = 1
+    if cfg.checkpoint and Path(cfg.checkpoint).exists():
+        params, opt_state, history, train_seconds = _resume(cfg, model, optimizer, data, opt_state)
+        first = len(history["train"]) + 1
+        log.info("continuing %s from step %d", cfg.checkpoint, first - 1)
+    recent = [row[3] for row in history["train"][-50:]]  # per-step training accuracy of the last 50 steps
+    bar = tqdm(total=cfg.steps, initial=first - 1, disable=not progress, unit="step", dynamic_ncols=True)
     train_start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+    for step in range(first, cfg.steps + 1):
         if cfg.budget_s and time.perf_counter() - train_start > cfg.budget_s:
             log.info("stopping at step %d of %d: the %.0f s budget is spent", step - 1, cfg.steps, cfg.budget_s)
             break
@@ -467,13 +485,45 @@ def train_mazes(cfg: MazeTrainConfig, progress: bool = True) -> MazeRun:
             history["eval"].append([step, scores.first_step, scores.per_step, scores.correct_prefix])
             bar.write(f"step {step}: held-out first-step {scores.first_step:.3f}  per-step {scores.per_step:.3f}  "
                       f"prefix {scores.correct_prefix:.2f}")
+            if cfg.checkpoint:
+                _save_run(cfg, model, params, opt_state, data, history, train_seconds)
     bar.close()
 
     scores, moves = evaluator.score(params, buffers)
-    history["eval"].append([len(history["train"]), scores.first_step, scores.per_step, scores.correct_prefix])
+    final = [len(history["train"]), scores.first_step, scores.per_step, scores.correct_prefix]
+    if history["eval"] and history["eval"][-1][0] == final[0]:
+        history["eval"][-1] = final  # a continued run that had already reached its last step
+    else:
+        history["eval"].append(final)
+    if cfg.checkpoint:
+        _save_run(cfg, model, params, opt_state, data, history, train_seconds)
     params = tree_map(_host, params)
     return MazeRun(cfg, model.n_params, scores, history, train_seconds, time.perf_counter() - wall_start,
                    params, moves)
+
+
+def _save_run(cfg: MazeTrainConfig, model: MazeModel, params, opt_state, data: MazeDataset, history: dict,
+              train_seconds: float) -> None:
+    """Write the run's weights, optimiser state and position in the maze stream to cfg.checkpoint."""
+    trainer = {"settings": cfg.run_identity(), "rng_state": str(data.rng.state), "history": history,
+               "train_seconds": train_seconds}
+    ckpt = Checkpoint(config={"maze_run": cfg.to_dict()}, params=tree_map(_host, params),
+                      buffers=tree_map(_host, model.buffers), trainer=trainer, opt_state=tree_map(_host, opt_state))
+    save_checkpoint(cfg.checkpoint, ckpt)
+
+
+def _resume(cfg: MazeTrainConfig, model: MazeModel, optimizer: MazeOptimizer, data: MazeDataset, opt_state):
+    """Load cfg.checkpoint into (params, opt_state, history, train_seconds) and move the maze stream on."""
+    ckpt = load_checkpoint(cfg.checkpoint, with_optimizer=True)
+    saved = ckpt.trainer.get("settings")
+    if saved != cfg.run_identity():
+        changed = sorted(k for k in cfg.run_identity() if saved is None or saved.get(k) != cfg.run_identity()[k])
+        raise ValueError(f"checkpoint {cfg.checkpoint} was saved by a run with other settings ({', '.join(changed)}); "
+                         "use the same settings to continue it, or another --checkpoint path")
+    data.rng.state = int(ckpt.trainer["rng_state"])
+    params = restructure(ckpt.params, model.params)
+    opt_state = restructure(ckpt.opt_state, opt_state)
+    return params, opt_state, ckpt.trainer["history"], float(ckpt.trainer["train_seconds"])
 
 
 # --------------------------------------------------------------------------------------------

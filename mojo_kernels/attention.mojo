@@ -1,4 +1,4 @@
-"""Attention of one query per (batch, head) over n keys, for decoding.
+"""Attention kernels: each query row of each head walks its keys once.
 
     out[b, h] = sum_j softmax_j(q[b, h] . k[b, j, h // group] / sqrt(dh)) v[b, j, h // group]
 

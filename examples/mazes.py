@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 parser = argparse.ArgumentParser(description="Train a CTM or a brain on maze routes and score it on held-out mazes.")
 parser.add_argument("--brain", action="store_true", help="train eight_region_small instead of the single CTM")
@@ -76,6 +77,13 @@ if args.baselines:
     for name, scores in trivial_baselines(args.size, args.seed, args.heldout, args.route_len).items():
         print(json.dumps({"baseline": name, "size": args.size, "seed": args.seed, **scores}))
     sys.exit(0)
+
+if args.checkpoint and args.history:
+    from modgrad.checkpoint import checkpoint_paths
+
+    if Path(args.history).resolve() in {path.resolve() for path in checkpoint_paths(args.checkpoint).values()}:
+        parser.error(f"--history {args.history} is one of the files of --checkpoint {args.checkpoint}; "
+                     "give the history another name")
 
 cfg = MazeTrainConfig(
     model="brain" if args.brain else "ctm",

@@ -224,3 +224,20 @@ def test_trivial_baselines_first_move():
     for s in scores.values():
         assert s["n_mazes"] == 40
         assert 0.0 <= s["per_step"] <= 1.0
+
+
+def test_example_rejects_history_on_checkpoint_file(tmp_path):
+    """The history JSON may not take the name of the checkpoint's own JSON file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "mazes.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--steps", "1", "--checkpoint", str(tmp_path / "run.safetensors"),
+         "--history", str(tmp_path / "run.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "is one of the files of --checkpoint" in result.stderr
+    assert not (tmp_path / "run.safetensors").exists()

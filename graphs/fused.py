@@ -20,10 +20,10 @@ from modgrad.graphs import LOWERINGS, kernels, lowering
 # for the MAX composition, its backward 1178 against 1864 us, and the sync update's backward
 # 36 against 67 us. The sync update's forward tied (29 against 30 us, median 47 against
 # 38 us), so it stays off. matvec (the decode products) took 1.2 ms against 2.0 ms for
-# ops.matmul at B 1, K 896, N 9728 with the weights read from DRAM. decode_attention (Qwen2.5-0.5B
-# heads, B 1, 1,024 cached tokens; medians with another job on the second core) took 344 us
-# against 1,032 us for the composition, which first copies the cache for its batched matmuls.
-# causal_attention (the same heads, B 1, 512 tokens, same conditions) took 18.3 ms against 32.9 ms.
+# ops.matmul at B 1, K 896, N 9728 with the weights read from DRAM. The attention rows are medians
+# with another job on the second core, at Qwen2.5-0.5B's heads. decode_attention (B 1, 1,024
+# cached tokens) took 344 us against 1,032 us for the composition, which first copies the cache.
+# causal_attention (B 1, 512 tokens) took 18.3 ms against 32.9 ms.
 # NOTE: GPUs get the same defaults without a measurement.
 KERNEL_DEFAULTS: dict[str, bool] = {
     "nlm_glu": True,

@@ -364,23 +364,24 @@ def matvec(x, w):
 
 
 def decode_attention(q, k, v, past_k, past_v):
-    """Attention of one new token over a key/value cache and itself, with grouped-query heads.
+    """Attend one new token over a key/value cache and itself, with grouped-query heads.
 
-    q (B, H, dh); k and v (B, H_kv, dh), the new token's key and value; past_k and past_v
-    (L, B, H_kv, dh), the cache (L may be 0). Query head h reads key/value head h // (H / H_kv).
-    Returns (B, H, dh). Compiled float32 programs run the Mojo kernel, which reads the cache in
-    place, unless kernels are switched off (see ``modgrad.compile``).
+    q is (B, H, dh). k and v are the new token's key and value, (B, H_kv, dh). past_k and past_v
+    are the cache, (L, B, H_kv, dh), and L may be 0. Query head h reads key/value head
+    h // (H / H_kv). Returns (B, H, dh). Compiled float32 programs run the Mojo kernel, which
+    reads the cache in place, unless kernels are switched off (see ``modgrad.compile``).
     """
     args = [x if isinstance(x, Value) else np.asarray(x) for x in (q, k, v, past_k, past_v)]
     return bind(attention.decode_attention_p, *args)
 
 
 def causal_attention(q, k, v, positions):
-    """Causal attention of T tokens with grouped-query heads; query t attends to key j where positions[j] <= positions[t].
+    """Attend T tokens causally with grouped-query heads.
 
-    q (B, T, H, dh); k and v (B, T, H_kv, dh); positions (T,) integers. Query head h reads
-    key/value head h // (H / H_kv). Returns (B, T, H, dh). Compiled float32 programs run the
-    Mojo kernel unless kernels are switched off (see ``modgrad.compile``).
+    Query t attends to key j where positions[j] <= positions[t]. q is (B, T, H, dh), k and v
+    are (B, T, H_kv, dh) and positions is (T,) integers. Query head h reads key/value head
+    h // (H / H_kv). Returns (B, T, H, dh). Compiled float32 programs run the Mojo kernel
+    unless kernels are switched off (see ``modgrad.compile``).
     """
     args = [x if isinstance(x, Value) else np.asarray(x) for x in (q, k, v, positions)]
     return bind(attention.causal_attention_p, *args)

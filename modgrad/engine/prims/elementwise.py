@@ -30,7 +30,7 @@ def _unary(name: str, fn, vjp, float_only: bool = True) -> Primitive:
 
 
 def _sigmoid(x):
-    # exp(-|x|) never overflows; each sign takes the form that divides by a number >= 1.
+    # The exponent -|x| is at most 0, so exp cannot overflow. Each sign then divides by 1 + e >= 1.
     e = np.exp(-np.abs(x))
     out = np.where(x >= 0, 1.0, e) / (1.0 + e)
     return out if out.dtype == x.dtype else out.astype(x.dtype)

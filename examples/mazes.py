@@ -22,6 +22,9 @@ parser.add_argument("--brain", action="store_true", help="train eight_region_sma
 parser.add_argument("--protocol", default="reference", choices=("reference", "fair"),
                     help="reference: the reference benchmark's inputs and optimisers; fair: the brain attends over "
                          "all tokens and both models use AdamW with global-norm clipping")
+parser.add_argument("--gradients", default="exact", choices=("exact", "truncated"),
+                    help="exact: backpropagation through every tick; truncated (brain only): no gradient crosses an "
+                         "outer tick, as in the reference's hand-written backward pass")
 parser.add_argument("--size", type=int, default=21, help="maze side in cells (odd)")
 parser.add_argument("--steps", type=int, default=5000, help="optimiser steps")
 parser.add_argument("--seed", type=int, default=42, help="training maze stream; held-out mazes use seed + 999")
@@ -85,24 +88,28 @@ if args.checkpoint and args.history:
         parser.error(f"--history {args.history} is one of the files of --checkpoint {args.checkpoint}; "
                      "give the history another name")
 
-cfg = MazeTrainConfig(
-    model="brain" if args.brain else "ctm",
-    protocol=args.protocol,
-    size=args.size,
-    steps=args.steps,
-    batch=args.batch,
-    lr=args.lr,
-    seed=args.seed,
-    ticks=args.ticks,
-    d_model=args.d_model,
-    route_len=args.route_len,
-    clip=args.clip,
-    heldout=args.heldout,
-    eval_every=args.eval_every,
-    budget_s=args.budget,
-    device=args.device,
-    checkpoint=args.checkpoint,
-)
+try:
+    cfg = MazeTrainConfig(
+        model="brain" if args.brain else "ctm",
+        protocol=args.protocol,
+        size=args.size,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        ticks=args.ticks,
+        d_model=args.d_model,
+        route_len=args.route_len,
+        clip=args.clip,
+        heldout=args.heldout,
+        eval_every=args.eval_every,
+        budget_s=args.budget,
+        device=args.device,
+        checkpoint=args.checkpoint,
+        gradients=args.gradients,
+    )
+except ValueError as error:
+    parser.error(str(error))
 run = train_mazes(cfg, progress=not args.quiet)
 
 if args.history:

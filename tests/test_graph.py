@@ -435,6 +435,49 @@ def test_gradient_crosses_tokens():
     np.testing.assert_array_equal(grads["embeddings"][[0, 1, 3, 4, 6]], 0.0)
 
 
+@pytest.mark.parametrize("router", [False, True])
+@pytest.mark.parametrize("outer_ticks", [3, 5])  # 5 runs the outer loop as a scan
+def test_truncated_gradients_stop_at_outer_ticks(router, outer_ticks):
+    cfg = tiny_config(router, outer_ticks=outer_ticks)
+    params, buffers = init_brain(cfg)
+    params = float64_params(params, np.random.default_rng(6))
+    obs = np.random.default_rng(7).standard_normal((2, cfg.raw_obs_dim))
+    weights = np.arange(1.0, outer_ticks + 1.0)
+    embeds = [params["router"]["tick_embed"][k] if router else None for k in range(outer_ticks)]
+
+    def loss(p, truncate):
+        logits, _ = brain_step(p, buffers, cfg, obs, init_brain_state(p, cfg, 2), truncate_gradients=truncate)
+        return ops.sum(ops.sum(logits**2, (0, 2)) * weights)
+
+    # The states entering each outer tick, as constants.
+    states = [None]
+    state = init_brain_state(params, cfg, 2)
+    for k in range(outer_ticks - 1):
+        state, _ = brain_module.outer_tick(params, buffers, cfg, obs, state, embeds[k], False)
+        states.append(state)
+
+    def tick_by_tick(p):
+        total = 0.0
+        for k in range(outer_ticks):
+            start = init_brain_state(p, cfg, 2) if k == 0 else states[k]
+            embed = p["router"]["tick_embed"][k] if router else None
+            _, logits = brain_module.outer_tick(p, buffers, cfg, obs, start, embed, False)
+            total = total + weights[k] * ops.sum(logits**2)
+        return total
+
+    exact_value, exact = mg.value_and_grad(lambda p: loss(p, False))(params)
+    value, grads = mg.value_and_grad(lambda p: loss(p, True))(params)
+    want_value, want = mg.value_and_grad(tick_by_tick)(params)
+    np.testing.assert_allclose(value, exact_value, rtol=1e-12)
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    for path, got, expected in zip(leaf_paths(params), tree_flatten(grads)[0], tree_flatten(want)[0]):
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12, err_msg=path)
+    differ = [path for path, a, b in zip(leaf_paths(params), tree_flatten(grads)[0], tree_flatten(exact)[0])
+              if not np.allclose(a, b, rtol=1e-6, atol=1e-9)]
+    assert "global_decay" in differ  # the exact gradient follows the global sync recurrence
+    assert router or "edges[0].w" in differ  # and region 2's output through edge 2 -> 0 a tick later
+
+
 # --------------------------------------------------------------------------------------------
 # Spatial input regions
 

@@ -28,7 +28,7 @@ from modgrad.mazes.train import (
 )
 from modgrad.optim import tree_paths
 
-SUMMARY_FIELDS = {"model", "protocol", "params", "steps", "seed", "size", "device", "first_step", "per_step",
+SUMMARY_FIELDS = {"model", "protocol", "gradients", "params", "steps", "seed", "size", "device", "first_step", "per_step",
                   "correct_prefix", "n_mazes", "first_step_s", "steps_per_s", "wall_s"}
 
 
@@ -80,6 +80,10 @@ def test_config_rejects_bad_values():
         MazeTrainConfig(protocol="other")
     with pytest.raises(ValueError, match="size must be at least 5"):
         MazeTrainConfig(size=3)
+    with pytest.raises(ValueError, match="unknown gradients 'approximate'"):
+        MazeTrainConfig(model="brain", gradients="approximate")
+    with pytest.raises(ValueError, match="brain only"):
+        MazeTrainConfig(model="ctm", gradients="truncated")
     assert MazeTrainConfig().grad_clip == 5.0
     assert MazeTrainConfig(protocol="fair").grad_clip == 1.0
 
@@ -145,6 +149,21 @@ def test_fair_protocol_trains_every_input_path(fixed_batch):
             assert np.abs(leaf(new, path) - leaf(model.params, path)).max() > 0, (model_name, path)
 
 
+def test_truncated_step_same_loss_other_norm(fixed_batch):
+    outputs = {}
+    for gradients in ("exact", "truncated"):
+        cfg = tiny("brain", "reference", ticks=3, gradients=gradients)
+        model = build_model(cfg)
+        opt = make_optimizer(cfg)
+        step = make_train_step(model, cfg, opt)
+        loss, last, norm, _, _ = step(model.params, opt.init(model.params), model.buffers, fixed_batch.tokens,
+                                      fixed_batch.targets)
+        outputs[gradients] = float(loss), np.asarray(last), float(norm)
+    assert outputs["truncated"][0] == pytest.approx(outputs["exact"][0], rel=1e-6)
+    np.testing.assert_allclose(outputs["truncated"][1], outputs["exact"][1], rtol=1e-5, atol=1e-6)
+    assert outputs["truncated"][2] != pytest.approx(outputs["exact"][2], rel=1e-3)
+
+
 # --------------------------------------------------------------------------------------------
 # Smoke runs
 
@@ -208,6 +227,21 @@ def test_checkpoint_of_other_settings_is_rejected(tmp_path):
     train_mazes(tiny("ctm", "fair", steps=1, checkpoint=path), progress=False)
     with pytest.raises(ValueError, match=r"other settings \(lr\)"):
         train_mazes(tiny("ctm", "fair", steps=2, lr=1e-3, checkpoint=path), progress=False)
+
+
+def test_old_checkpoint_resumes_as_exact(tmp_path):
+    from modgrad.checkpoint import checkpoint_paths
+
+    path = str(tmp_path / "run.safetensors")
+    train_mazes(tiny("brain", "fair", steps=1, checkpoint=path), progress=False)
+    config = checkpoint_paths(path)["config"]
+    saved = json.loads(config.read_text())
+    del saved["trainer"]["settings"]["gradients"]  # as written before the setting existed
+    config.write_text(json.dumps(saved))
+    continued = train_mazes(tiny("brain", "fair", steps=2, checkpoint=path), progress=False)
+    assert [row[0] for row in continued.history["train"]] == [1, 2]
+    with pytest.raises(ValueError, match=r"other settings \(gradients\)"):
+        train_mazes(tiny("brain", "fair", steps=3, gradients="truncated", checkpoint=path), progress=False)
 
 
 # --------------------------------------------------------------------------------------------

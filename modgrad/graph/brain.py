@@ -17,6 +17,8 @@ carries x_r when connections feed it.
 Gradients are exact through everything: edges into their source regions, the router, the global
 sync recurrence and its decays, the region states across outer ticks and, when the caller carries
 the state, across tokens. The reference's hand-written backward drops all of those.
+``truncate_gradients=True`` drops them too, for comparisons with it: the state handed to the next
+outer tick carries no gradient.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 
 from modgrad import ops
 from modgrad.ctm.model import decay_rate, encode_observation, init_state, layer_norm, linear, pair_products, run_ticks
+from modgrad.engine.pytree import tree_map
 from modgrad.graph.config import RegionalConfig
 
 # Outer loops this short run as a Python loop (fewer nested scans); longer ones use ops.scan.
@@ -119,7 +122,7 @@ def routed_inputs(params: dict, cfg: RegionalConfig, obs, outputs: list, gs, tic
 
 
 def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dict, tick_embed, restart_sync: bool,
-               spatial_kv: dict | None = None, output_offsets: dict | None = None):
+               spatial_kv: dict | None = None, output_offsets: dict | None = None, truncate_gradients: bool = False):
     """Run every region for one outer tick, then update the global sync. -> (state, logits (B, out_dims)).
 
     spatial_kv maps each spatial region to its encoded observation tokens (B, n, Di). A spatial
@@ -129,6 +132,10 @@ def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dic
     output_offsets maps a region to a (B, D_r) value added to its output where other parts of the
     brain read it: the connection (or router) inputs and the global sync. The region's own state
     does not include it.
+
+    truncate_gradients: return the state without its gradient, so the loss of a later outer tick
+    does not reach this tick's computation (through the edges, the router, the global sync
+    recurrence or the region states).
     """
     spatial_kv = spatial_kv or {}
     offsets = output_offsets or {}
@@ -158,7 +165,10 @@ def outer_tick(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dic
     alpha = rho * state["global_alpha"] + pair_products(activations, buffers["global_left"], buffers["global_right"])
     beta = rho * state["global_beta"] + 1.0
     new_state = {"regions": regions, "global_alpha": alpha, "global_beta": beta}
-    return new_state, linear(params["output_proj"], global_sync(new_state))
+    logits = linear(params["output_proj"], global_sync(new_state))
+    if truncate_gradients:
+        new_state = tree_map(ops.stop_gradient, new_state)
+    return new_state, logits
 
 
 @functools.lru_cache(maxsize=16)
@@ -211,13 +221,15 @@ def split_observation(params: dict, cfg: RegionalConfig, obs):
 
 
 def brain_step(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dict, restart_sync: bool = False,
-               output_offsets: dict | None = None):
+               output_offsets: dict | None = None, truncate_gradients: bool = False):
     """Run cfg.outer_ticks outer ticks on one observation.
 
     obs: (B, raw_obs_dim), or (B, spatial_tokens, raw_obs_dim) tokens for a spatial brain.
     restart_sync: re-initialise every region's sync accumulators at each region call (the
     reference's inference semantics); by default they continue across outer ticks and calls.
     output_offsets: {region: (B, D_r)} added to region outputs at every outer tick (see outer_tick).
+    truncate_gradients: cut the gradient between outer ticks, as the reference's backward does:
+    each outer tick's loss trains the regions only through that tick's readout (see outer_tick).
     Returns (logits (B, K, out_dims), new_state).
     """
     obs, spatial_kv = split_observation(params, cfg, obs)
@@ -228,12 +240,14 @@ def brain_step(params: dict, buffers: dict, cfg: RegionalConfig, obs, state: dic
         logits = []
         for t in range(k):
             embed = tick_embeds[t] if tick_embeds is not None else None
-            state, pred = outer_tick(params, buffers, cfg, obs, state, embed, restart_sync, spatial_kv, output_offsets)
+            state, pred = outer_tick(params, buffers, cfg, obs, state, embed, restart_sync, spatial_kv, output_offsets,
+                                     truncate_gradients)
             logits.append(pred)
         return ops.stack(logits, 1), state
 
     def body(carry, embed):
-        return outer_tick(params, buffers, cfg, obs, carry, embed, restart_sync, spatial_kv, output_offsets)
+        return outer_tick(params, buffers, cfg, obs, carry, embed, restart_sync, spatial_kv, output_offsets,
+                          truncate_gradients)
 
     state, logits = ops.scan(body, state, xs=tick_embeds, length=None if tick_embeds is not None else k)
     return ops.transpose(logits, (1, 0, 2)), state  # (B, K, out_dims)

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 MODELS = ("ctm", "brain")
 PROTOCOLS = ("reference", "fair")
+GRADIENTS = ("exact", "truncated")
 REFERENCE_CLIP = 5.0  # both reference optimisers clip at 5 on batch-summed gradients
 FAIR_CLIP = 1.0  # on the batch-mean gradient
 
@@ -78,7 +79,8 @@ class MazeTrainConfig:
     seconds of wall time and score the model reached (0: no limit). device: "numpy", "cpu" or "gpu".
     checkpoint: save the run there (safetensors and JSON) at every evaluation and when training
     stops; a run started with the same path and settings continues from the saved step. "" turns
-    it off.
+    it off. gradients: "exact" (full backpropagation through time) or, for the brain only,
+    "truncated": no gradient crosses an outer-tick boundary, as in the reference's backward pass.
     """
 
     model: str = "ctm"
@@ -99,6 +101,7 @@ class MazeTrainConfig:
     budget_s: float = 0.0
     device: str = "numpy"
     checkpoint: str = ""
+    gradients: str = "exact"
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -107,6 +110,10 @@ class MazeTrainConfig:
             raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
         if self.device not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.gradients not in GRADIENTS:
+            raise ValueError(f"unknown gradients {self.gradients!r}; choose one of {', '.join(GRADIENTS)}")
+        if self.gradients == "truncated" and self.model != "brain":
+            raise ValueError("gradients='truncated' is implemented for the brain only; the single CTM trains with exact gradients")
         for name in ("steps", "batch", "ticks", "d_model", "route_len", "heldout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -220,7 +227,7 @@ def build_model(cfg: MazeTrainConfig) -> MazeModel:
     def forward(params, buffers, tokens):
         obs = tokens if brain.is_spatial else tokens[:, 0]  # (B, n, 128) or (B, 128)
         state = init_brain_state(params, brain, ops.shape_of(tokens)[0])
-        logits, _ = brain_step(params, buffers, brain, obs, state)
+        logits, _ = brain_step(params, buffers, brain, obs, state, truncate_gradients=cfg.gradients == "truncated")
         return logits, certainty(logits)
 
     return MazeModel("brain", brain, params, buffers, forward, encoder)
@@ -398,6 +405,7 @@ class MazeRun:
         return {
             "model": self.config.model,
             "protocol": self.config.protocol,
+            "gradients": self.config.gradients,
             "params": self.n_params,
             "steps": len(self.history["train"]),
             "seed": self.config.seed,
@@ -516,6 +524,8 @@ def _resume(cfg: MazeTrainConfig, model: MazeModel, optimizer: MazeOptimizer, da
     """Load cfg.checkpoint into (params, opt_state, history, train_seconds) and move the maze stream on."""
     ckpt = load_checkpoint(cfg.checkpoint, with_optimizer=True)
     saved = ckpt.trainer.get("settings")
+    if saved is not None:
+        saved = {"gradients": "exact", **saved}  # runs saved before that setting existed were exact
     if saved != cfg.run_identity():
         changed = sorted(k for k in cfg.run_identity() if saved is None or saved.get(k) != cfg.run_identity()[k])
         raise ValueError(f"checkpoint {cfg.checkpoint} was saved by a run with other settings ({', '.join(changed)}); "

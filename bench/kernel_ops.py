@@ -501,8 +501,14 @@ def _adamw_torch(size, settings):
 
 
 def mha_cases(rng) -> list[Case]:
+    """Single-query attention: Qwen2.5-0.5B decode heads, and the CTMs' reads of their observation tokens."""
+    from modgrad.graphs.attention import _single_query_attention
+
     cases = []
-    for batch, keys, heads, head_dim in [(1, 1024, 14, 64), (8, 1024, 14, 64), (1, 4096, 8, 128)]:
+    shapes = [(1, 1024, 14, 64), (8, 1024, 14, 64), (1, 4096, 8, 128),
+              (16, 100, 8, 16),  # the CTM of bench/ctm_train.py
+              (8, 121, 4, 32)]  # the maze CTM
+    for batch, keys, heads, head_dim in shapes:
         q = _f32(rng, batch, heads, head_dim)
         k = _f32(rng, batch, keys, heads, head_dim)
         v = _f32(rng, batch, keys, heads, head_dim)
@@ -511,22 +517,13 @@ def mha_cases(rng) -> list[Case]:
             "mha_single_query", dict(B=batch, n=keys, H=heads, dh=head_dim), [q, k, v],
             [(DType.float32, ["B", "H", "dh"]), kv, kv],
             ours=lambda q, k, v: [kernels.mha_single_query(q, k, v)],
-            composition=lambda q, k, v: [_mha_composition(q, k, v)],
+            composition=lambda q, k, v: [_single_query_attention(q, k, v, device=None)],
             numpy_fn=reference.mha_single_query,
             torch_fn=_mha_torch,
             bytes=_nbytes(q, k, v) + q.nbytes,
             flops=4 * batch * heads * keys * head_dim,
         ))
     return cases
-
-
-def _mha_composition(q, k, v):
-    query = ops.unsqueeze(q, 2)  # (B, H, 1, dh)
-    keys = ops.permute(k, [0, 2, 3, 1])  # (B, H, dh, n)
-    values = ops.permute(v, [0, 2, 1, 3])  # (B, H, n, dh)
-    head_dim = ops.squeeze(ops.shape_to_tensor([q.shape[2]]), 0).cast(DType.float32).to(q.device)
-    scores = ops.matmul(query, keys) * ops.rsqrt(head_dim)
-    return ops.squeeze(ops.matmul(ops.softmax(scores), values), 2)
 
 
 def _mha_torch(q, k, v):

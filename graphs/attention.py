@@ -3,10 +3,51 @@
 from __future__ import annotations
 
 from max.dtype import DType
-from max.graph import ops
+from max.graph import StaticDim, ops
 
 from modgrad.graphs import kernels, lowering
 from modgrad.graphs.reduce import max_last, sum_last
+
+
+def _inverse_sqrt(dim, like):
+    """1 / sqrt(dim) as a Python float for a static dim, else as a scalar tensor of like's dtype."""
+    if isinstance(dim, StaticDim):
+        return float(int(dim)) ** -0.5
+    return ops.rsqrt(ops.squeeze(ops.shape_to_tensor([dim]), 0).cast(like.dtype).to(like.device))
+
+
+def _single_query_probabilities(q, k):
+    """Softmax weights (B, H, 1, n) and q as (B, H, 1, dh)."""
+    scale = _inverse_sqrt(q.shape[2], q)
+    q1 = ops.unsqueeze(q, 2)  # (B, H, 1, dh)
+    scores = ops.matmul(q1, ops.permute(k, [0, 2, 3, 1])) * scale  # (B, H, 1, n)
+    e = ops.exp(scores - ops.max(scores, axis=-1))
+    return e / ops.sum(e, axis=-1), q1
+
+
+@lowering("single_query_attention")
+def _single_query_attention(q, k, v, device, kernel=False):
+    if kernel and all(x.dtype == DType.float32 for x in (q, k, v)):
+        return kernels.mha_single_query(q, k, v)
+    p, _ = _single_query_probabilities(q, k)
+    return ops.squeeze(ops.matmul(p, ops.permute(v, [0, 2, 1, 3])), 2)  # (B, H, dh)
+
+
+@lowering("single_query_attention_backward")
+def _single_query_attention_backward(q, k, v, grad, device):
+    scale = _inverse_sqrt(q.shape[2], q)
+    p, q1 = _single_query_probabilities(q, k)
+    g = ops.unsqueeze(grad, 2)  # (B, H, 1, dh)
+    dp = ops.matmul(g, ops.permute(v, [0, 2, 3, 1]))  # (B, H, 1, n)
+    ds = p * (dp - ops.sum(p * dp, axis=-1)) * scale
+    d_q = ops.squeeze(ops.matmul(ds, ops.permute(k, [0, 2, 1, 3])), 2)  # (B, H, dh)
+    d_k = ops.permute(ops.matmul(ops.permute(ds, [0, 1, 3, 2]), q1), [0, 2, 1, 3])  # (B, n, H, dh)
+    d_v = ops.permute(ops.matmul(ops.permute(p, [0, 1, 3, 2]), g), [0, 2, 1, 3])
+    return [d_q, d_k, d_v]
+
+
+# --------------------------------------------------------------------------------------------
+# Decode attention
 
 
 def _grouped(x, kv_heads: int):

@@ -22,7 +22,8 @@ __all__ = [
     "matmul", "max", "maximum", "mean", "min", "minimum", "mul", "neg", "one_hot", "ones", "pow", "relu",
     "reshape", "rms_norm", "rsqrt", "scan", "sigmoid", "silu", "sin", "slice_axis", "softmax", "sqrt",
     "square", "squeeze", "stack", "stop_gradient", "sub", "sum", "tanh", "transpose", "var", "where",
-    "zeros", "glu", "matvec", "nlm_glu", "sync_update", "decode_attention", "causal_attention", "shape_of", "dtype_of",
+    "zeros", "glu", "matvec", "nlm_glu", "sync_update", "single_query_attention", "decode_attention",
+    "causal_attention", "shape_of", "dtype_of",
 ]
 
 
@@ -361,6 +362,17 @@ def matvec(x, w):
     x = x if isinstance(x, Value) else np.asarray(x)
     w = w if isinstance(w, Value) else np.asarray(w)
     return bind(fused.matvec_p, x, w)
+
+
+def single_query_attention(q, k, v):
+    """Attend one query per batch row and head over that row's n tokens.
+
+    q is (B, H, dh), k and v are (B, n, H, dh). Returns softmax(q . k / sqrt(dh)) v, (B, H, dh).
+    Compiled float32 programs run the Mojo kernel unless kernels are switched off (see
+    ``modgrad.compile``).
+    """
+    args = [x if isinstance(x, Value) else np.asarray(x) for x in (q, k, v)]
+    return bind(attention.single_query_attention_p, *args)
 
 
 def decode_attention(q, k, v, past_k, past_v):

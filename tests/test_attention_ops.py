@@ -1,7 +1,7 @@
-"""``ops.decode_attention`` and ``ops.causal_attention`` against torch autograd, their shape checks,
-and compiled with the kernels on and off.
+"""``ops.single_query_attention``, ``ops.decode_attention`` and ``ops.causal_attention`` against torch
+autograd, their shape checks, and compiled with the kernels on and off.
 
-Shapes cover an empty cache (L 0), one token, one shared key/value head, Qwen2.5-0.5B's 14 query
+Shapes cover one token, the maze CTM's 121 observation tokens, an empty cache (L 0), one shared key/value head, Qwen2.5-0.5B's 14 query
 heads over 2 key/value heads, head sizes 1, 3 and 64, and positions out of order or tied.
 Tolerances: float64 matches torch to 1e-9, float32 to 1e-5 (rtol, and atol times the largest
 magnitude of the expected array).
@@ -18,6 +18,13 @@ from modgrad.engine.core import ShapeError
 
 torch = pytest.importorskip("torch")
 
+SINGLE_QUERY_CASES = [  # (B, n, H, dh)
+    (1, 1, 1, 1),
+    (2, 3, 4, 3),
+    (3, 59, 8, 16),
+    (8, 121, 4, 32),
+    (1, 98, 14, 64),
+]
 CASES = [  # (B, L, H, H_kv, dh)
     (1, 0, 1, 1, 1),
     (2, 3, 4, 2, 3),
@@ -26,6 +33,18 @@ CASES = [  # (B, L, H, H_kv, dh)
     (2, 1, 8, 8, 4),
 ]
 TOLERANCE = {np.float64: 1e-9, np.float32: 1e-5}
+
+
+def single_query_inputs(rng, batch, tokens, heads, head_dim, dtype):
+    q = rng.standard_normal((batch, heads, head_dim))
+    k, v = rng.standard_normal((2, batch, tokens, heads, head_dim))
+    grad = rng.standard_normal((batch, heads, head_dim))
+    return [x.astype(dtype) for x in (q, k, v, grad)]
+
+
+def torch_single_query_attention(q, k, v):
+    scores = torch.einsum("bhd,bnhd->bhn", q, k) / q.shape[-1] ** 0.5
+    return torch.einsum("bhn,bnhd->bhd", torch.softmax(scores, -1), v)
 
 
 def decode_inputs(rng, batch, cached, heads, kv_heads, head_dim, dtype):
@@ -60,6 +79,63 @@ def lowers_to_kernel(fn, op: str) -> bool:
     (segment,) = [step for step in plan.steps if step.outputs]
     text = str(engine_compile._segment_graph(segment, "cpu", f"{op}_inspect", plan.kernels))
     return f'symbol = "{op}"' in text
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("batch,tokens,heads,head_dim", SINGLE_QUERY_CASES)
+def test_single_query_attention_matches_torch(rng, dtype, batch, tokens, heads, head_dim):
+    *inputs, grad = single_query_inputs(rng, batch, tokens, heads, head_dim, dtype)
+    out = ops.single_query_attention(*inputs)
+    assert out.dtype == dtype
+    tensors = [torch.tensor(x, requires_grad=True) for x in inputs]
+    expected = torch_single_query_attention(*tensors)
+    assert_close(out, expected.detach().numpy(), dtype, "output")
+
+    expected.backward(torch.tensor(grad))
+    loss = mg.value_and_grad(lambda *xs: ops.sum(ops.single_query_attention(*xs) * grad), argnums=(0, 1, 2))
+    for name, got, t in zip(("d_q", "d_k", "d_v"), loss(*inputs)[1], tensors, strict=True):
+        assert got.dtype == dtype, name
+        assert got.shape == tuple(t.shape), name
+        assert_close(got, t.grad.numpy(), dtype, name)
+
+
+def test_single_query_attention_rejects_bad_shapes(rng):
+    q, k, v, _ = single_query_inputs(rng, 2, 5, 4, 3, np.float32)
+    with pytest.raises(ShapeError, match="must both be"):
+        ops.single_query_attention(q[:, :3], k, v)
+    with pytest.raises(ShapeError, match="must both be"):
+        ops.single_query_attention(q, k, v[:, :4])
+    with pytest.raises(ShapeError, match=r"expected q \(B, H, dh\)"):
+        ops.single_query_attention(q, k[:, 0], v[:, 0])
+    with pytest.raises(ShapeError, match="one floating dtype"):
+        ops.single_query_attention(q, k.astype(np.float64), v)
+
+
+@pytest.mark.max
+def test_compiled_single_query_attention_kernels_on_and_off(rng):
+    def attention_and_grads(q, k, v, grad):
+        def loss(*xs):
+            out = ops.single_query_attention(*xs)
+            return ops.sum(out * grad), out
+
+        (_, out), grads = mg.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        return [out, *grads]
+
+    dims = (("B", 8, 16), ("B", "n", 8, 16), ("B", "n", 8, 16), ("B", 8, 16))
+    for kernels in (True, False):
+        fn = mg.compile(attention_and_grads, dims=dims, kernels=kernels, name=f"single_query_attention_kernels_{kernels}")
+        for batch, tokens in ((1, 1), (16, 100), (3, 59)):
+            inputs = single_query_inputs(rng, batch, tokens, 8, 16, np.float32)
+            expected = attention_and_grads(*(x.astype(np.float64) for x in inputs))
+            for name, got, want in zip(("out", "d_q", "d_k", "d_v"), fn(*inputs), expected, strict=True):
+                assert got.dtype == np.float32, name
+                assert_close(got, want, np.float32, f"{name} with kernels={kernels}, B {batch}, n {tokens}")
+
+        assert lowers_to_kernel(fn, "mha_single_query") == kernels
+
+
+# --------------------------------------------------------------------------------------------
+# Decode attention
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -381,6 +381,26 @@ def silu_backward_ref(x, grad):
     return out if differentiate else out.detach()
 
 
+def single_query_attention_inputs(rng, n, dtype):
+    """n tokens, 2 rows, 4 heads of size 3."""
+    return [normal()(rng, (2, 4, 3), dtype), normal()(rng, (2, n, 4, 3), dtype), normal()(rng, (2, n, 4, 3), dtype)]
+
+
+def single_query_attention_ref(q, k, v):
+    out = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2))  # (B, H, 1, dh)
+    return out[:, :, 0]
+
+
+def single_query_attention_backward_ours(*inputs):
+    return tuple(bind(at.single_query_attention_backward_p, *inputs))
+
+
+def single_query_attention_backward_ref(q, k, v, grad):
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        return torch.autograd.grad(single_query_attention_ref(*leaves), leaves, grad)
+
+
 def decode_attention_inputs(rng, n, dtype):
     """A cache of n - 1 tokens (empty at n = 1), 2 rows, 4 query heads over 2 key/value heads of size 3."""
     new = [normal()(rng, (2, 2, 3), dtype) for _ in range(2)]
@@ -429,6 +449,11 @@ def causal_attention_backward_ref(q, k, v, positions, grad):
 
 
 FUSED_CASES = [
+    Case("single_query_attention", ops.single_query_attention, single_query_attention_ref,
+         single_query_attention_inputs, "single_query_attention"),
+    Case("single_query_attention_backward", single_query_attention_backward_ours, single_query_attention_backward_ref,
+         lambda r, n, d: single_query_attention_inputs(r, n, d) + [normal()(r, (2, 4, 3), d)],
+         "single_query_attention_backward", differentiable=False),
     Case("causal_attention", ops.causal_attention, causal_attention_ref, causal_attention_inputs, "causal_attention"),
     Case("causal_attention_backward", causal_attention_backward_ours, causal_attention_backward_ref,
          lambda r, n, d: causal_attention_inputs(r, n, d) + [normal()(r, (2, n, 4, 3), d)],

@@ -75,26 +75,23 @@ def encode_observation(params: dict, obs):
 
 
 def attention_keys(params: dict, cfg: CtmConfig, kv):
-    """Keys and values of the observation, computed once per call. -> K, V each (B, heads, n, dh)."""
+    """Keys and values of the observation, computed once per call. -> K, V each (B, n, heads, dh)."""
     di, nh, dh = cfg.d_input, cfg.heads, cfg.head_dim
     w, b = params["mha_in"]["w"], params["mha_in"]["b"]
     k = ops.matmul(kv, w[:, di : 2 * di]) + b[di : 2 * di]  # (B, n, Di)
     v = ops.matmul(kv, w[:, 2 * di :]) + b[2 * di :]
     shape = ops.shape_of(kv)
     heads = (shape[0], shape[1], nh, dh)
-    k = ops.transpose(ops.reshape(k, heads), (0, 2, 1, 3))  # (B, nh, n, dh)
-    v = ops.transpose(ops.reshape(v, heads), (0, 2, 1, 3))
-    return k, v
+    return ops.reshape(k, heads), ops.reshape(v, heads)
 
 
 def attend(params: dict, cfg: CtmConfig, q, k, v):
-    """Single-query multi-head attention. q (B, Di) -> (B, Di)."""
+    """Single-query multi-head attention. q (B, Di) over k, v (B, n, heads, dh) -> (B, Di)."""
     di, nh, dh = cfg.d_input, cfg.heads, cfg.head_dim
     w, b = params["mha_in"]["w"], params["mha_in"]["b"]
     batch = ops.shape_of(q)[0]
-    qh = ops.reshape(ops.matmul(q, w[:, :di]) + b[:di], (batch, nh, 1, dh))  # (B, nh, 1, dh)
-    scores = ops.matmul(qh, ops.swapaxes(k, -1, -2)) * (1.0 / math.sqrt(dh))  # (B, nh, 1, n)
-    heads = ops.matmul(ops.softmax(scores, -1), v)  # (B, nh, 1, dh)
+    qh = ops.reshape(ops.matmul(q, w[:, :di]) + b[:di], (batch, nh, dh))  # (B, nh, dh)
+    heads = ops.single_query_attention(qh, k, v)  # (B, nh, dh)
     return linear(params["mha_out"], ops.reshape(heads, (batch, di)))
 
 

@@ -583,8 +583,8 @@ def compile(
 
     host_glue: run the straight-line parts between loops with numpy (see ``Plan``); by default on
     for "cpu" programs that contain loops, off otherwise.
-    kernels: lower the fused ops (``ops.nlm_glu``, ``ops.sync_update``, their gradients and ``ops.matvec``) to the Mojo kernels of
-    ``mojo_kernels/`` (True) or to MAX built-in ops (False). None reads the environment
+    kernels: lower the fused ops (``ops.nlm_glu``, ``ops.sync_update``, their gradients,
+    ``ops.matvec`` and the three attention ops) to the Mojo kernels of ``mojo_kernels/`` (True) or to MAX built-in ops (False). None reads the environment
     variable ``MODGRAD_KERNELS`` (1 or 0) and, when it is unset, uses each op's default from
     ``modgrad.graphs.fused.KERNEL_DEFAULTS``: on where the kernel measured faster on a CPU. The
     kernels take float32 only; other dtypes use the built-in ops whatever the flag. The first

@@ -1,4 +1,11 @@
-"""Attention with grouped-query heads: a decode step over a key/value cache, and causal prefill.
+"""Attention: one query over a token set, a decode step over a key/value cache, and causal prefill.
+
+Single-query attention is the CTM's read of its observation: each batch row's one query per head
+over the n tokens of that row, with no mask and no positions:
+
+    out[b, h] = sum_j softmax_j(q[b, h] . k[b, j, h] / sqrt(dh)) v[b, j, h]
+
+Compiled float32 programs run it as the Mojo kernel ``mha_single_query``.
 
 Decode attention takes one new token's query heads over the cache and the token itself:
 
@@ -20,6 +27,72 @@ from __future__ import annotations
 import numpy as np
 
 from modgrad.engine.core import Primitive, ShapeError, bind, is_float, register
+
+
+def _single_query_rule(q, k, v):
+    (qs, qd), (ks, kd), (vs, vd) = q, k, v
+    if not is_float(qd) or kd != qd or vd != qd:
+        raise ShapeError(f"expected one floating dtype, got {qd}, {kd} and {vd}")
+    if len(qs) != 3 or len(ks) != 4:
+        raise ShapeError("expected q (B, H, dh), k and v (B, n, H, dh)")
+    batch, heads, head_dim = qs
+    if tuple(vs) != tuple(ks) or ks[0] != batch or tuple(ks[2:]) != (heads, head_dim):
+        raise ShapeError(f"k {ks} and v {vs} must both be ({batch}, n, {heads}, {head_dim})")
+    return [(qs, qd)]
+
+
+def _single_query_probabilities(q, k):
+    """Softmax weights (B, H, 1, n) of each query over its row's tokens."""
+    scores = np.matmul(q[:, :, None, :], k.transpose(0, 2, 3, 1)) * q.shape[-1] ** -0.5  # (B, H, 1, n)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return weights / weights.sum(-1, keepdims=True)
+
+
+def _single_query_impl(q, k, v):
+    p = _single_query_probabilities(q, k)
+    out = np.matmul(p, v.transpose(0, 2, 1, 3))  # (B, H, 1, dh)
+    return [out[:, :, 0].astype(q.dtype, copy=False)]
+
+
+def _single_query_vjp(node, g):
+    return bind(single_query_attention_backward_p, *node.inputs, g[0])
+
+
+def _single_query_backward_rule(q, k, v, grad):
+    (out_shape, dtype), = _single_query_rule(q, k, v)
+    if tuple(grad[0]) != tuple(out_shape) or grad[1] != dtype:
+        raise ShapeError(f"the output gradient must be {out_shape} {dtype}, got {grad[0]} {grad[1]}")
+    return [q, k, v]
+
+
+def _single_query_backward_impl(q, k, v, grad):
+    """Return the gradients of q, k and v (softmax VJP: p * (dp - sum(p dp)))."""
+    p = _single_query_probabilities(q, k)  # (B, H, 1, n)
+    g = grad[:, :, None, :]  # (B, H, 1, dh)
+    dp = np.matmul(g, v.transpose(0, 2, 3, 1))  # (B, H, 1, n)
+    ds = p * (dp - (p * dp).sum(-1, keepdims=True)) * q.shape[-1] ** -0.5
+    d_q = np.matmul(ds, k.transpose(0, 2, 1, 3))[:, :, 0]  # (B, H, dh)
+    d_k = np.matmul(ds.swapaxes(-1, -2), q[:, :, None, :]).transpose(0, 2, 1, 3)  # (B, n, H, dh)
+    d_v = np.matmul(p.swapaxes(-1, -2), g).transpose(0, 2, 1, 3)
+    return [np.ascontiguousarray(a, dtype=q.dtype) for a in (d_q, d_k, d_v)]
+
+
+single_query_attention_p = register(
+    Primitive("single_query_attention", _single_query_rule, _single_query_impl, _single_query_vjp)
+)
+# NOTE: no VJP, so a second derivative through single-query attention raises NotImplementedError.
+single_query_attention_backward_p = register(
+    Primitive(
+        "single_query_attention_backward",
+        _single_query_backward_rule,
+        _single_query_backward_impl,
+        multiple_results=True,
+    )
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Decode attention over a key/value cache
 
 
 def _decode_attention_rule(q, k, v, past_k, past_v):

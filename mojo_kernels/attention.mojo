@@ -2,10 +2,10 @@
 
     out[b, h] = sum_j softmax_j(q[b, h] . k[b, j, h // group] / sqrt(dh)) v[b, j, h // group]
 
-`mha_single_query` takes k and v as (B, n, H, dh). `decode_attention` reads a
-transformer's key/value cache as it is stored, (L, B, H_kv, dh), plus the new
-token's (B, H_kv, dh), with H / H_kv query heads sharing each key/value head
-(grouped-query attention).
+`mha_single_query` takes k and v as (B, n, H, dh): the CTM's read of its
+observation tokens. `decode_attention` reads a transformer's key/value cache as
+it is stored, (L, B, H_kv, dh), plus the new token's (B, H_kv, dh), with
+H / H_kv query heads sharing each key/value head (grouped-query attention).
 
 Each work item takes one batch row and a range of heads, and walks the keys
 once with the running-maximum (online) softmax, in blocks of `KEY_BLOCK`
@@ -18,10 +18,10 @@ there are too few rows to keep every core busy.
 row (b, t) walks the keys of row b up to the last one it attends to, skipping
 keys at later positions.
 
-NOTE: the CTM's attention lowers to MAX built-ins. `causal_attention` takes
-each query row on its own, so its dot products are vector-by-vector, not the
-matrix tiles of a flash-attention kernel: at Qwen2.5-0.5B's heads over 512
-tokens it took twice as long as torch's scaled_dot_product_attention.
+NOTE: `causal_attention` takes each query row on its own, so its dot products
+are vector-by-vector, not the matrix tiles of a flash-attention kernel: at
+Qwen2.5-0.5B's heads over 512 tokens it took twice as long as torch's
+scaled_dot_product_attention.
 """
 
 from extensibility import (

@@ -360,6 +360,19 @@ def test_constant_residuals_computed_once(rng):
     assert hoisted and all(c.node in trace.nodes for c in hoisted)
 
 
+def test_weight_gradient_summed_after_loop(rng):
+    """The backward loop carries no running sum for wh: one (HR, T*B) @ (T*B, HR) product follows it."""
+    params = init_recurrent(rng, np.float32, dense=True)
+    xs, targets = recurrent_data(rng, T, 2, np.float32)
+    (_, backward), trace = traced_recurrent_gradient(params, xs, targets, remat=False)
+    n_consts, n_carry = backward.attrs["n_consts"], backward.attrs["n_carry"]
+    carried = [tuple(v.shape) for v in backward.inputs[n_consts : n_consts + n_carry]]
+    assert (HR, HR) not in carried
+    after = trace.nodes[trace.nodes.index(backward) + 1 :]
+    products = [tuple(n.inputs[0].shape) for n in after if n.prim.name == "matmul"]
+    assert (HR, T * 2) in products
+
+
 def test_nested_loop_gradient_matches_eager(rng):
     """A scan inside a scan body: the inner loop's residuals become residuals of the outer loop."""
 

@@ -7,13 +7,16 @@ carry (the history). Its VJP is itself a reverse scan, in one of two forms:
 - saved residuals (the default when the loop is traced): the forward body is extended to also
   output, per step, the intermediates that the backward step reads, and the backward body reads
   them instead of recomputing the forward step. Intermediates that depend only on loop constants
-  (for example a transposed weight) are computed once, outside both loops.
+  (for example a transposed weight) are computed once, outside both loops. A constant's gradient
+  made of per-step products (a weight's x_t^T g_t) is summed after the loop as one large
+  product of the stacked operands (see ``deferred``), not accumulated step by step.
 - recompute (``remat=True``, and for loops that already ran eagerly): the backward body re-runs
   the forward step from the carry history. It uses less memory and runs every forward step twice.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -32,6 +35,8 @@ from modgrad.engine.core import (
     trace_scope,
 )
 from modgrad.engine.interpret import program_runner
+from modgrad.engine.prims.deferred import deferred_sum, split_gradient
+from modgrad.engine.prims.elementwise import add_p
 from modgrad.engine.pytree import tree_flatten, tree_unflatten
 
 
@@ -294,7 +299,6 @@ def _scan_vjp_saved(node: Node, cts: list):
     if step.captures:
         return None
     d_final, d_ys, acc0 = _initial_cotangents(node, cts)  # before the node gains residual outputs
-    bwd_outputs = new_d + new_acc + dx
 
     # Classify every value of the step: constant-only (invariant), forward-known, or backward.
     invariant = {v.uid for v in c_ph}
@@ -305,6 +309,27 @@ def _scan_vjp_saved(node: Node, cts: list):
             known.update(o.uid for o in n.outputs)
             if all(u in invariant for u in ins):
                 invariant.update(o.uid for o in n.outputs)
+
+    # Constants' gradients that are sums of per-step products are summed after the loop instead.
+    length = a["length"]
+    n_sums = len(acc_ph)
+    carried, deferred = list(range(n_sums)), {}
+    if isinstance(length, int):
+        carried = []
+        for i, (running, total) in enumerate(zip(acc_ph, new_acc)):
+            kept, terms = split_gradient(total, running, step.nodes, invariant)
+            if terms:
+                deferred[i] = terms
+                if kept:
+                    with trace_scope(step):
+                        new_acc[i] = functools.reduce(lambda x, y: bind(add_p, x, y), [running] + kept)
+            if kept or not terms:
+                carried.append(i)
+    operands = list({v.uid: v for terms in deferred.values() for t in terms for v in t.operands}.values())
+    per_step = [v for v in operands if v.uid not in known]  # computed by the backward step
+    forward_operands = [v for v in operands if v.uid in known]  # stacked by the forward loop
+    acc_ph, new_acc, acc0 = ([seq[i] for i in carried] for seq in (acc_ph, new_acc, acc0))
+    bwd_outputs = new_d + new_acc + dx + per_step
     backward_nodes, boundary = _backward_side(step.nodes, bwd_outputs, known, invariant)
 
     const_in, const_outer, xs_in, xs_outer = [], [], [], []
@@ -312,6 +337,7 @@ def _scan_vjp_saved(node: Node, cts: list):
     slots = {v.uid: ("const", i) for i, v in enumerate(c_ph)}
     slots.update({v.uid: ("history", i) for i, v in enumerate(h_ph)})
     slots.update({v.uid: ("xs", i) for i, v in enumerate(x_ph)})
+    stacked: dict[int, Value] = {}  # uid of a deferred operand -> its (T, ...) stack
     for uid, v in boundary.items():
         kind, i = slots.get(uid, ("hoist" if uid in invariant else "residual", -1))
         if kind == "const":
@@ -327,6 +353,14 @@ def _scan_vjp_saved(node: Node, cts: list):
             xs_outer.append(parts.xs[i])
         else:
             residuals.append(v)
+    for v in forward_operands:
+        kind, i = slots.get(v.uid, ("residual", -1))
+        if kind == "history":
+            stacked[v.uid] = parts.history[i]
+        elif kind == "xs":
+            stacked[v.uid] = parts.xs[i]
+        elif kind == "residual" and v.uid not in boundary:
+            residuals.append(v)
 
     # Constant-only residuals: computed once, in the enclosing trace.
     if hoisted:
@@ -335,16 +369,18 @@ def _scan_vjp_saved(node: Node, cts: list):
         const_outer += inline(prog, list(consts))
 
     # The forward node now also outputs the per-step residuals.
-    length = a["length"]
     if residuals:
         fwd_outputs = list(fwd) + residuals
         fwd_body = Program(c_ph + h_ph + x_ph, _nodes_for(fwd_outputs, step.nodes, set()), fwd_outputs)
         owner = outs[0].trace
-        stacked = [Value((length,) + tuple(v.shape), v.dtype, owner, node, None) for v in residuals]
-        node.outputs = outs[: ncar + n_y] + stacked + outs[ncar + n_y :]
+        residual_stacks = [Value((length,) + tuple(v.shape), v.dtype, owner, node, None) for v in residuals]
+        node.outputs = outs[: ncar + n_y] + residual_stacks + outs[ncar + n_y :]
         node.attrs = {**a, "body": fwd_body, "saved": True}
-        xs_in += residuals
-        xs_outer += stacked
+        for v, s in zip(residuals, residual_stacks):
+            stacked[v.uid] = s
+            if v.uid in boundary:
+                xs_in.append(v)
+                xs_outer.append(s)
 
     bwd_body = Program(const_in + d_ph + acc_ph + xs_in + dy_ph, backward_nodes, bwd_outputs)
     bwd = bind(
@@ -362,7 +398,17 @@ def _scan_vjp_saved(node: Node, cts: list):
         remat=False,
     )
     n_carry = len(d_ph) + len(acc_ph)
-    return _input_cotangents(node, bwd[: len(d_ph)], bwd[len(d_ph) : n_carry], bwd[n_carry : n_carry + len(dx)])
+    n_dx = len(dx)
+    stacked.update((v.uid, s) for v, s in zip(per_step, bwd[n_carry + n_dx : n_carry + n_dx + len(per_step)]))
+    sums = dict(zip(carried, bwd[len(d_ph) : n_carry]))
+    d_consts = []
+    for i in range(n_sums):
+        total = sums.get(i)
+        if i in deferred:
+            later = deferred_sum(deferred[i], stacked)
+            total = later if total is None else bind(add_p, total, later)
+        d_consts.append(total)
+    return _input_cotangents(node, bwd[: len(d_ph)], d_consts, bwd[n_carry : n_carry + n_dx])
 
 
 scan_p = register(Primitive("scan", _scan_rule, _scan_impl, _scan_vjp, multiple_results=True))

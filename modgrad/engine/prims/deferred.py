@@ -1,0 +1,119 @@
+"""Gradients of loop constants summed after a backward loop, as one large product each.
+
+A weight W that a loop step uses as ``x_t @ W`` gets the gradient sum_t x_t^T g_t. Summed inside
+the backward loop, that is one small product per step (x_t has a batch of rows), far below the
+machine's matmul rate. Stacking x_t and g_t over the steps instead gives the same sum as one
+(K, T*M) @ (T*M, N) product after the loop. A bias's gradient, the sum of g_t over its rows,
+likewise becomes one reduction of the stacked g_t.
+
+``split_gradient`` finds such terms in the gradient a backward step adds to a constant's
+running sum, and ``deferred_sum`` builds their total from the stacked per-step operands.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from modgrad.engine.core import Node, Value, bind
+from modgrad.engine.prims.elementwise import add_p
+from modgrad.engine.prims.linalg import matmul_p
+from modgrad.engine.prims.reduce import reduce_sum_p
+from modgrad.engine.prims.shape import reshape_p, transpose_p
+
+
+class Term(NamedTuple):
+    """One summand of a constant's gradient, computed from per-step values.
+
+    kind "matmul": operands (a, b) with the step's term a @ b. An operand whose ``transposed``
+    entry is True is stored as the value it transposes. kind "sum": operands (c,) and the term
+    is the sum of c over ``axes``.
+    """
+
+    kind: str
+    operands: tuple[Value, ...]
+    transposed: tuple[bool, ...] = ()
+    axes: tuple[int, ...] = ()
+
+
+def _summands(value: Value, producers: dict[int, Node]) -> list[Value]:
+    """Flatten a tree of same-shaped additions into its summands."""
+    node = producers.get(value.uid)
+    if node is None or node.prim is not add_p:
+        return [value]
+    if not all(isinstance(x, Value) and tuple(x.shape) == tuple(value.shape) for x in node.inputs):
+        return [value]
+    return [s for x in node.inputs for s in _summands(x, producers)]
+
+
+def _untransposed(value: Value, producers: dict[int, Node]) -> tuple[Value, bool]:
+    node = producers.get(value.uid)
+    if node is not None and node.prim is transpose_p and tuple(node.attrs["perm"]) == (1, 0):
+        return node.inputs[0], True
+    return value, False
+
+
+def _as_term(value: Value, producers: dict[int, Node], invariant: set[int]) -> Term | None:
+    node = producers.get(value.uid)
+    if node is None or not all(isinstance(x, Value) and x.uid not in invariant for x in node.inputs):
+        return None
+    if node.prim is matmul_p:
+        a, b = node.inputs
+        if len(a.shape) != 2 or len(b.shape) != 2 or not isinstance(a.shape[1], int):
+            return None
+        (a, ta), (b, tb) = _untransposed(a, producers), _untransposed(b, producers)
+        return Term("matmul", (a, b), (ta, tb))
+    if node.prim is reduce_sum_p and not node.attrs["keepdims"]:
+        (c,) = node.inputs
+        if all(isinstance(c.shape[i], int) for i in node.attrs["axes"]):
+            return Term("sum", (c,), axes=tuple(node.attrs["axes"]))
+    return None
+
+
+def split_gradient(total: Value, running: Value, nodes: list[Node], invariant: set[int]):
+    """Split ``total`` = running + gradient into (kept summands, deferred terms).
+
+    nodes: the backward step's nodes. invariant: uids of values that depend only on loop
+    constants, which are not stacked. Returns ([], []) when ``total`` is not such a sum.
+    """
+    producers = {o.uid: n for n in nodes for o in n.outputs}
+    node = producers.get(total.uid)
+    if node is None or node.prim is not add_p or not isinstance(node.inputs[0], Value) or node.inputs[0].uid != running.uid:
+        return [], []
+    kept, deferred = [], []
+    for summand in _summands(node.inputs[1], producers):
+        term = _as_term(summand, producers, invariant)
+        if term is None:
+            kept.append(summand)
+        else:
+            deferred.append(term)
+    return kept, deferred
+
+
+def _merge_steps(stacked: Value, transposed: bool, left: bool) -> Value:
+    """Fold the step axis into the contraction of a stacked matmul operand.
+
+    stacked is (T, r, c): the per-step operand, or the value it transposes. Returns (K, T*M) for
+    the left operand and (T*M, N) for the right one.
+    """
+    steps, rows, cols = stacked.shape
+    if left == transposed:  # the contraction is axis 1: left X^T with X (M, K), or right B (M, N)
+        merged = bind(reshape_p, stacked, shape=(steps * rows, cols))
+        return bind(transpose_p, merged, perm=(1, 0)) if left else merged
+    swapped = bind(transpose_p, stacked, perm=(1, 0, 2))  # the contraction is axis 2
+    merged = bind(reshape_p, swapped, shape=(rows, steps * cols))
+    return merged if left else bind(transpose_p, merged, perm=(1, 0))
+
+
+def deferred_sum(terms: list[Term], stacked: dict[int, Value]) -> Value:
+    """Return the sum over steps of every term; stacked maps an operand's uid to its (T, ...) stack."""
+    total = None
+    for term in terms:
+        if term.kind == "matmul":
+            a = _merge_steps(stacked[term.operands[0].uid], term.transposed[0], left=True)
+            b = _merge_steps(stacked[term.operands[1].uid], term.transposed[1], left=False)
+            part = bind(matmul_p, a, b)
+        else:
+            axes = (0,) + tuple(i + 1 for i in term.axes)
+            part = bind(reduce_sum_p, stacked[term.operands[0].uid], axes=axes, keepdims=False)
+        total = part if total is None else bind(add_p, total, part)
+    return total

@@ -74,25 +74,27 @@ def encode_observation(params: dict, obs):
     return layer_norm(params["kv_ln"], linear(params["kv_proj"], obs))
 
 
-def attention_keys(params: dict, cfg: CtmConfig, kv):
-    """Keys and values of the observation, computed once per call. -> K, V each (B, n, heads, dh)."""
+def attention_inputs(params: dict, cfg: CtmConfig, kv):
+    """Slice the query projection out of mha_in and project the observation's keys and values.
+
+    Called once per call, outside the tick loop, so a tick's query projection is a plain linear
+    layer. -> (query {"w" (Di, Di), "b" (Di,)}, K and V each (B, n, heads, dh)).
+    """
     di, nh, dh = cfg.d_input, cfg.heads, cfg.head_dim
     w, b = params["mha_in"]["w"], params["mha_in"]["b"]
     k = ops.matmul(kv, w[:, di : 2 * di]) + b[di : 2 * di]  # (B, n, Di)
     v = ops.matmul(kv, w[:, 2 * di :]) + b[2 * di :]
     shape = ops.shape_of(kv)
     heads = (shape[0], shape[1], nh, dh)
-    return ops.reshape(k, heads), ops.reshape(v, heads)
+    return {"w": w[:, :di], "b": b[:di]}, ops.reshape(k, heads), ops.reshape(v, heads)
 
 
-def attend(params: dict, cfg: CtmConfig, q, k, v):
+def attend(params: dict, cfg: CtmConfig, query: dict, q, k, v):
     """Single-query multi-head attention. q (B, Di) over k, v (B, n, heads, dh) -> (B, Di)."""
-    di, nh, dh = cfg.d_input, cfg.heads, cfg.head_dim
-    w, b = params["mha_in"]["w"], params["mha_in"]["b"]
     batch = ops.shape_of(q)[0]
-    qh = ops.reshape(ops.matmul(q, w[:, :di]) + b[:di], (batch, nh, dh))  # (B, nh, dh)
+    qh = ops.reshape(linear(query, q), (batch, cfg.heads, cfg.head_dim))  # (B, nh, dh)
     heads = ops.single_query_attention(qh, k, v)  # (B, nh, dh)
-    return linear(params["mha_out"], ops.reshape(heads, (batch, di)))
+    return linear(params["mha_out"], ops.reshape(heads, (batch, cfg.d_input)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ def run_ticks(params: dict, buffers: dict, cfg: CtmConfig, kv, state: dict, rest
     a region's state is carried across a brain's outer ticks).
     Returns (state, sync_out) with sync_out (T, B, So) for every tick.
     """
-    k, v = attention_keys(params, cfg, kv)
+    query, k, v = attention_inputs(params, cfg, kv)
     r_out = decay_rate(params["decay_out"])  # (So,)
     r_action = decay_rate(params["decay_action"])  # (Sa,)
     lo, ro = buffers["left_out"], buffers["right_out"]
@@ -144,7 +146,7 @@ def run_ticks(params: dict, buffers: dict, cfg: CtmConfig, kv, state: dict, rest
         # While s is 0 (no tick has run yet) the action accumulators start from the pair products.
         a_act, b_act, s_act = ops.sync_update(z, la, ra, r_action, s * a_act, s * b_act)  # each (B, Sa)
         q = linear(params["q_proj"], s_act)  # (B, Di)
-        o = attend(params, cfg, q, k, v)  # (B, Di)
+        o = attend(params, cfg, query, q, k, v)  # (B, Di)
         a = synapse(params["synapse"], ops.concat([o, z], -1))  # (B, D)
         trace = ops.concat([trace[:, :, 1:], ops.expand_dims(ops.transpose(a, (1, 0)), -1)], -1)  # (D, B, M)
         z = nlm(params["nlm"], trace)  # (B, D)

@@ -24,8 +24,8 @@ from modgrad.graphs import LOWERINGS, kernels, lowering
 # with another job on the second core, at Qwen2.5-0.5B's heads. decode_attention (B 1, 1,024
 # cached tokens) took 344 us against 1,032 us for the composition, which first copies the cache.
 # causal_attention (B 1, 512 tokens) took 18.3 ms against 32.9 ms. single_query_attention
-# (fastest runs, two maze runs on both cores) took 86 us against 294 us at the CTM benchmark's
-# shape (B 16, 100 tokens, 8 heads of 16) and 60 against 174 us at the maze CTM's.
+# (fastest runs, quiet machine) took 57 us against 349 us at the CTM benchmark's shape (B 16,
+# 100 tokens, 8 heads of 16) and 60 against 234 us at the maze CTM's.
 # NOTE: GPUs get the same defaults without a measurement.
 KERNEL_DEFAULTS: dict[str, bool] = {
     "nlm_glu": True,

@@ -3,6 +3,7 @@
     python examples/mazes.py --size 21 --steps 5000 --seed 42            # single CTM, 450,325 parameters
     python examples/mazes.py --brain --size 21 --steps 5000 --seed 42    # eight_region_small, 187,881
     python examples/mazes.py --brain --protocol fair --steps 300         # brain attends over all 121 tokens
+    python examples/mazes.py --brain --gradients truncated               # the reference's gradient cut
     python examples/mazes.py --baselines                                  # scores of rules that read nothing
 
 Progress goes to stderr (tqdm: loss, training accuracy, steps/s). The last line on stdout is one

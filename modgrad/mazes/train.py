@@ -616,7 +616,8 @@ def plot_curves(path: str | Path, histories: list[str | Path], baselines: dict[s
     for history_path in histories:
         record = json.loads(Path(history_path).read_text())
         summary, history = record["summary"], record["history"]
-        run_kind = f"{summary['model']} ({summary['protocol']})"
+        cut = ", truncated gradients" if summary.get("gradients") == "truncated" else ""
+        run_kind = f"{summary['model']} ({summary['protocol']}{cut})"
         color = colors.setdefault(run_kind, f"C{len(colors)}")
         label = f"{run_kind}, seed {summary['seed']}"
         train = np.array(history["train"], dtype=np.float64)

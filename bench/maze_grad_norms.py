@@ -3,9 +3,9 @@
 The reference optimisers scale the learning rate by min(1, clip / n), where n is the L2 norm of a
 subset of the batch-summed gradient (clip 5). This script takes the gradient of the batch-summed
 step-wise loss at the initial weights on a few training batches. It prints one JSON line per
-(model, protocol, gradients) setting with the median, minimum and maximum of n over the batches and
-the learning rate the reference rule uses at the median n (brain: 3e-4 * min(1, 5 / n); single
-CTM: 3e-4 / 8 * min(1, 5 / n)). The fair protocol clips the gradient itself, so its learning
+(model, protocol, gradients) setting: the median, minimum and maximum of n over the batches. The
+line also gives the learning rate the reference rule uses at the median n. For the brain that
+is 3e-4 * min(1, 5 / n), for the single CTM 3e-4 / 8 * min(1, 5 / n). The fair protocol clips the gradient itself, so its learning
 rate does not depend on n.
 
     python bench/maze_grad_norms.py                  # brain, both protocols, exact and truncated

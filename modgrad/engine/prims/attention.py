@@ -58,10 +58,15 @@ def _single_query_vjp(node, g):
     return bind(single_query_attention_backward_p, *node.inputs, g[0])
 
 
-def _single_query_backward_rule(q, k, v, grad):
-    (out_shape, dtype), = _single_query_rule(q, k, v)
+def _check_output_gradient(outputs: list, grad) -> None:
+    """Raise ShapeError unless grad has the shape and dtype of the forward rule's single output."""
+    (out_shape, dtype), = outputs
     if tuple(grad[0]) != tuple(out_shape) or grad[1] != dtype:
         raise ShapeError(f"the output gradient must be {out_shape} {dtype}, got {grad[0]} {grad[1]}")
+
+
+def _single_query_backward_rule(q, k, v, grad):
+    _check_output_gradient(_single_query_rule(q, k, v), grad)
     return [q, k, v]
 
 
@@ -140,9 +145,7 @@ def _decode_attention_vjp(node, g):
 
 
 def _decode_attention_backward_rule(q, k, v, past_k, past_v, grad):
-    (out_shape, dtype), = _decode_attention_rule(q, k, v, past_k, past_v)
-    if tuple(grad[0]) != tuple(out_shape) or grad[1] != dtype:
-        raise ShapeError(f"the output gradient must be {out_shape} {dtype}, got {grad[0]} {grad[1]}")
+    _check_output_gradient(_decode_attention_rule(q, k, v, past_k, past_v), grad)
     return [q, k, v, past_k, past_v]
 
 
@@ -240,9 +243,7 @@ def _causal_attention_vjp(node, g):
 
 
 def _causal_attention_backward_rule(q, k, v, positions, grad):
-    (out_shape, dtype), = _causal_attention_rule(q, k, v, positions)
-    if tuple(grad[0]) != tuple(out_shape) or grad[1] != dtype:
-        raise ShapeError(f"the output gradient must be {out_shape} {dtype}, got {grad[0]} {grad[1]}")
+    _check_output_gradient(_causal_attention_rule(q, k, v, positions), grad)
     return [q, k, v]
 
 

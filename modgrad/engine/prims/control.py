@@ -35,7 +35,7 @@ from modgrad.engine.core import (
     trace_scope,
 )
 from modgrad.engine.interpret import program_runner
-from modgrad.engine.prims.deferred import deferred_sum, split_gradient
+from modgrad.engine.prims.deferred import deferred_sum, producers_of, split_gradient
 from modgrad.engine.prims.elementwise import add_p
 from modgrad.engine.pytree import tree_flatten, tree_unflatten
 
@@ -316,14 +316,15 @@ def _scan_vjp_saved(node: Node, cts: list):
     carried, deferred = list(range(n_sums)), {}
     if isinstance(length, int):
         carried = []
+        producers = producers_of(step.nodes)
         for i, (running, total) in enumerate(zip(acc_ph, new_acc)):
-            kept, terms = split_gradient(total, running, step.nodes, invariant)
+            in_loop, terms = split_gradient(total, running, producers, invariant)
             if terms:
                 deferred[i] = terms
-                if kept:
+                if in_loop:
                     with trace_scope(step):
-                        new_acc[i] = functools.reduce(lambda x, y: bind(add_p, x, y), [running] + kept)
-            if kept or not terms:
+                        new_acc[i] = functools.reduce(lambda x, y: bind(add_p, x, y), [running] + in_loop)
+            if in_loop or not terms:
                 carried.append(i)
     operands = list({v.uid: v for terms in deferred.values() for t in terms for v in t.operands}.values())
     per_step = [v for v in operands if v.uid not in known]  # computed by the backward step

@@ -69,24 +69,28 @@ def _as_term(value: Value, producers: dict[int, Node], invariant: set[int]) -> T
     return None
 
 
-def split_gradient(total: Value, running: Value, nodes: list[Node], invariant: set[int]):
-    """Split ``total`` = running + gradient into (kept summands, deferred terms).
+def producers_of(nodes: list[Node]) -> dict[int, Node]:
+    """Map the uid of every output of ``nodes`` to the node that computes it."""
+    return {o.uid: n for n in nodes for o in n.outputs}
 
-    nodes: the backward step's nodes. invariant: uids of values that depend only on loop
-    constants, which are not stacked. Returns ([], []) when ``total`` is not such a sum.
+
+def split_gradient(total: Value, running: Value, producers: dict[int, Node], invariant: set[int]):
+    """Split ``total`` = running + gradient into (summands left in the loop, deferred terms).
+
+    producers: ``producers_of`` the backward step's nodes. invariant: uids of values that depend
+    only on loop constants, which are not stacked. Returns ([], []) when ``total`` is not such a sum.
     """
-    producers = {o.uid: n for n in nodes for o in n.outputs}
     node = producers.get(total.uid)
     if node is None or node.prim is not add_p or not isinstance(node.inputs[0], Value) or node.inputs[0].uid != running.uid:
         return [], []
-    kept, deferred = [], []
+    in_loop, deferred = [], []
     for summand in _summands(node.inputs[1], producers):
         term = _as_term(summand, producers, invariant)
         if term is None:
-            kept.append(summand)
+            in_loop.append(summand)
         else:
             deferred.append(term)
-    return kept, deferred
+    return in_loop, deferred
 
 
 def _merge_steps(stacked: Value, transposed: bool, left: bool) -> Value:

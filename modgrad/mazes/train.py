@@ -613,20 +613,23 @@ def plot_curves(path: str | Path, histories: list[str | Path], baselines: dict[s
     FigureCanvasAgg(fig)
     loss_ax, first_ax, step_ax = (fig.add_subplot(1, 3, i + 1) for i in range(3))
     colors: dict[str, str] = {}  # one colour per (model, protocol), shared by its seeds
+    seeds_drawn: dict[str, int] = {}  # a line style per seed within a colour
     for history_path in histories:
         record = json.loads(Path(history_path).read_text())
         summary, history = record["summary"], record["history"]
         cut = ", truncated gradients" if summary.get("gradients") == "truncated" else ""
         run_kind = f"{summary['model']} ({summary['protocol']}{cut})"
         color = colors.setdefault(run_kind, f"C{len(colors)}")
+        style = ("-", "--", ":", "-.")[seeds_drawn.get(run_kind, 0) % 4]
+        seeds_drawn[run_kind] = seeds_drawn.get(run_kind, 0) + 1
         label = f"{run_kind}, seed {summary['seed']}"
         train = np.array(history["train"], dtype=np.float64)
         window = min(50, len(train))
         smooth = np.convolve(train[:, 1], np.ones(window) / window, mode="valid")
-        loss_ax.plot(train[window - 1 :, 0], smooth, color=color, label=label)
+        loss_ax.plot(train[window - 1 :, 0], smooth, color=color, linestyle=style, label=label)
         evals = np.array(history["eval"], dtype=np.float64)
-        first_ax.plot(evals[:, 0], evals[:, 1], "o-", color=color, label=label)
-        step_ax.plot(evals[:, 0], evals[:, 2], "o-", color=color, label=label)
+        first_ax.plot(evals[:, 0], evals[:, 1], marker="o", color=color, linestyle=style, label=label)
+        step_ax.plot(evals[:, 0], evals[:, 2], marker="o", color=color, linestyle=style, label=label)
     for name, scores in (baselines or {}).items():
         first_ax.axhline(scores["first_step"], color="gray", lw=0.8, ls="--")
         step_ax.axhline(scores["per_step"], color="gray", lw=0.8, ls="--")

@@ -105,9 +105,9 @@ SYNC_CASES = [  # (B, D, S)
     (2, 1, 224),
     (3, 512, 1000),
     (16, 3, 9),  # one block of 16 rows on an AVX-512 CPU, fewer pairs than a vector
-    (16, 9, 3),  # fewer pairs than neurons: rows one at a time
+    (16, 9, 3),  # fewer pairs than neurons, so the CPU backward takes rows one at a time
     (17, 33, 70),  # a block and one more row
-    (37, 17, 1500),  # 55,500 (row, pair) elements: the CPU backward splits rows over 3 tasks
+    (37, 17, 1500),  # 55,500 (row, pair) elements, which the CPU backward splits over 3 tasks
 ]
 
 

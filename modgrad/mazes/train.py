@@ -613,15 +613,16 @@ def plot_curves(path: str | Path, histories: list[str | Path], baselines: dict[s
     FigureCanvasAgg(fig)
     loss_ax, first_ax, step_ax = (fig.add_subplot(1, 3, i + 1) for i in range(3))
     colors: dict[str, str] = {}  # one colour per (model, protocol), shared by its seeds
-    seeds_drawn: dict[str, int] = {}  # a line style per seed within a colour
+    runs_drawn: dict[str, int] = {}  # per kind, so that each seed of a kind gets its own line style
     for history_path in histories:
         record = json.loads(Path(history_path).read_text())
         summary, history = record["summary"], record["history"]
         cut = ", truncated gradients" if summary.get("gradients") == "truncated" else ""
         run_kind = f"{summary['model']} ({summary['protocol']}{cut})"
         color = colors.setdefault(run_kind, f"C{len(colors)}")
-        style = ("-", "--", ":", "-.")[seeds_drawn.get(run_kind, 0) % 4]
-        seeds_drawn[run_kind] = seeds_drawn.get(run_kind, 0) + 1
+        drawn = runs_drawn.get(run_kind, 0)
+        runs_drawn[run_kind] = drawn + 1
+        style = ("-", "--", ":", "-.")[drawn % 4]
         label = f"{run_kind}, seed {summary['seed']}"
         train = np.array(history["train"], dtype=np.float64)
         window = min(50, len(train))

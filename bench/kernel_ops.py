@@ -337,10 +337,12 @@ def fused_cases(rng) -> list[Case]:
 
     ``mojo`` is the lowering with the kernel on and ``max_ops`` the one with it off, so the
     two columns compare the settings of ``modgrad.compile(kernels=...)``. The first shape of
-    each op is the maze CTM's: D 512, B 16, M 25, H 32 and 32 sync pairs.
+    each op is the maze CTM's: D 512, B 16, M 25, H 32 and 32 sync pairs. The NLM's second
+    stage in that CTM is M 32, H 1 (`deep_nlms`).
     """
     cases = []
-    for batch, neurons, memory, hidden in [(16, 512, 25, 32), (1, 512, 25, 32), (64, 512, 25, 32)]:
+    nlm_shapes = [(16, 512, 25, 32), (16, 512, 32, 1), (1, 512, 25, 32), (64, 512, 25, 32)]
+    for batch, neurons, memory, hidden in nlm_shapes:
         trace = _f32(rng, neurons, batch, memory)  # (D, B, M), the CTM's layout
         weight = _f32(rng, neurons, memory, 2 * hidden) / np.float32(np.sqrt(memory))
         bias = _f32(rng, neurons, 2 * hidden)

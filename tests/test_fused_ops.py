@@ -207,7 +207,7 @@ def test_sync_update_rejects_bad_inputs(rng):
 # Compiled, kernels on and off
 
 HIDDEN = 32
-COMPILED_SHAPES = [(512, 25, 3, 32), (9, 4, 1, 20)]  # (D, M, B, S); S > D repeats pairs
+COMPILED_SHAPES = [(512, 25, 3, 32), (9, 4, 1, 20), (37, 25, 6, 50)]  # (D, M, B, S); S > D repeats pairs
 DIMS = (
     ("D", "B", "M"), ("D", "M", 2 * HIDDEN), ("D", 2 * HIDDEN), ("D", HIDDEN, 2), ("D", 2),
     ("S",), ("S",), ("S",), ("B", "S"), ("B", "S"), ("D", "B", 1), (("B", "S"),) * 3,

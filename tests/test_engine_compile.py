@@ -415,6 +415,14 @@ def test_unknown_device_lists_available():
         assert device in message
 
 
+def test_default_host_glue_small_cpu_loops_only():
+    limit = engine_compile.GLUE_COMPILE_ELEMENTS
+    assert engine_compile.default_host_glue("cpu", True, limit - 1)
+    assert not engine_compile.default_host_glue("cpu", True, limit)
+    assert not engine_compile.default_host_glue("cpu", False, 10)
+    assert not engine_compile.default_host_glue("gpu", True, 10)
+
+
 def test_gpu_without_accelerator_is_rejected():
     if "gpu" in mg.devices():
         pytest.skip("this machine has a MAX accelerator")

@@ -103,7 +103,8 @@ class Plan:
 
     host_glue: run the straight-line segments between loops with the numpy evaluator instead of
     compiling them. Loop bodies, where the time goes, are always compiled. On a CPU this saves
-    one cold graph compile (15-60 s here) per segment for work that numpy does as fast.
+    one cold graph compile (15-60 s here) per segment, which pays while the glue's arrays are
+    small (see ``default_host_glue``).
     """
 
     def __init__(
@@ -528,8 +529,10 @@ class CompiledFunction:
         program = Program(trace.inputs, trace.nodes, out_leaves)
         start = time.perf_counter()
         has_loops = any(n.prim.name == "scan" for n in program.nodes)
-        # Default: on the CPU, numpy runs the glue around loops; a loop-free program compiles whole.
-        host_glue = self.host_glue if self.host_glue is not None else (self.device == "cpu" and has_loops)
+        input_elements = sum(int(np.prod(_shape_dtype(leaves[i])[0])) for i in in_positions)
+        host_glue = self.host_glue
+        if host_glue is None:
+            host_glue = default_host_glue(self.device, has_loops, input_elements)
         kernels = frozenset()
         if self.device != "numpy":
             from modgrad.graphs.fused import kernel_ops
@@ -538,6 +541,23 @@ class CompiledFunction:
         plan = Plan(program, self.device, name=self.name, host_glue=host_glue, kernels=kernels)
         log.debug("prepared %s for %s in %.1f s", self.name, self.device, time.perf_counter() - start)
         return plan, out_td, in_positions
+
+
+# Numpy runs each elementwise op of the glue as its own pass over memory on one core, where a
+# compiled segment fuses them and uses every core. In the maze-config CTM train step (7.9 M
+# input elements, two thirds of them AdamW moments) compiled glue took the step from 857-958 to
+# 744-805 ms on 2 cores, at the price of three more cold graph compiles.
+# NOTE: the threshold comes from that one program; the crossover was not searched for.
+GLUE_COMPILE_ELEMENTS = 4_000_000
+
+
+def default_host_glue(device: str, has_loops: bool, input_elements: int) -> bool:
+    """Return whether numpy runs the straight-line parts between loops (see ``Plan``).
+
+    Only on the CPU and only around loops: a loop-free program compiles whole. Programs whose
+    inputs hold at least ``GLUE_COMPILE_ELEMENTS`` values compile their glue too.
+    """
+    return device == "cpu" and has_loops and input_elements < GLUE_COMPILE_ELEMENTS
 
 
 @functools.cache
@@ -582,7 +602,8 @@ def compile(
     """Compile ``fn`` for ``device``: "cpu" or "gpu" (MAX graphs) or "numpy" (the reference evaluator).
 
     host_glue: run the straight-line parts between loops with numpy (see ``Plan``); by default on
-    for "cpu" programs that contain loops, off otherwise.
+    for "cpu" programs that contain loops and whose array inputs hold fewer than
+    ``GLUE_COMPILE_ELEMENTS`` (4 M) values, off otherwise.
     kernels: lower the fused ops (``ops.nlm_glu``, ``ops.sync_update``, their gradients,
     ``ops.matvec`` and the three attention ops) to the Mojo kernels of ``mojo_kernels/`` (True) or to MAX built-in ops (False). None reads the environment
     variable ``MODGRAD_KERNELS`` (1 or 0) and, when it is unset, uses each op's default from

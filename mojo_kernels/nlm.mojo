@@ -570,7 +570,7 @@ def _pre_grads[
 def _load_head[
     width: Int
 ](source: Pointer[Float32, _], start: Int, count: Int) -> SIMD[DType.float32, width]:
-    """Load min(count, width) floats from start; the lanes past count are zero."""
+    """Load min(count, width) floats from start, with zeros in the lanes past count."""
     if count >= width:
         return source.unsafe_load[width=width](start)
     var vector = SIMD[DType.float32, width](0)
@@ -724,8 +724,8 @@ def _narrow_row[
 ):
     """Add one row's gradients of neuron d when H is below a vector: vectors run over the trace.
 
-    scratch holds the weight transposed and the weight gradient transposed, both
-    (O, padded), then the row's O pre-activations; see `_neuron_backward`.
+    scratch contains the weight and the weight gradient, both transposed to
+    (O, padded), then the row's O pre-activations (see `_neuron_backward`).
     """
     var outputs = 2 * hidden
     var weight_t = scratch

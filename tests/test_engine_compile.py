@@ -415,7 +415,7 @@ def test_unknown_device_lists_available():
         assert device in message
 
 
-def test_default_host_glue_small_cpu_loops_only():
+def test_host_glue_default_rule():
     limit = engine_compile.GLUE_COMPILE_ELEMENTS
     assert engine_compile.default_host_glue("cpu", True, limit - 1)
     assert not engine_compile.default_host_glue("cpu", True, limit)

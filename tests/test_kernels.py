@@ -192,7 +192,7 @@ NLM_CASES = [  # (B, D, M, H)
     (3, 32, 2, 96),
     (2, 9, 8, 98),
     (1, 1, 25, 224),
-    (6, 9, 25, 32),  # a block of four rows and two more; a vector and a part of one over M
+    (6, 9, 25, 32),  # a block of four rows plus two rows, and M one vector plus part of one
     (5, 3, 40, 16),  # H exactly one AVX-512 vector
     (16, 33, 32, 1),  # H below a vector, M whole vectors
 ]

@@ -543,11 +543,9 @@ class CompiledFunction:
         return plan, out_td, in_positions
 
 
-# Numpy runs each elementwise op of the glue as its own pass over memory on one core, where a
-# compiled segment fuses them and uses every core. In the maze-config CTM train step (7.9 M
-# input elements, two thirds of them AdamW moments) compiled glue took the step from 857-958 to
-# 744-805 ms on 2 cores, at the price of three more cold graph compiles.
-# NOTE: the threshold comes from that one program; the crossover was not searched for.
+# Numpy glue makes one single-core pass over memory per elementwise op, where a compiled segment
+# fuses them on every core: 857-958 -> 744-805 ms for the maze-config CTM step (7.9 M values).
+# NOTE: the threshold comes from that one program, and the crossover was not searched for.
 GLUE_COMPILE_ELEMENTS = 4_000_000
 
 
@@ -555,7 +553,7 @@ def default_host_glue(device: str, has_loops: bool, input_elements: int) -> bool
     """Return whether numpy runs the straight-line parts between loops (see ``Plan``).
 
     Only on the CPU and only around loops: a loop-free program compiles whole. Programs whose
-    inputs hold at least ``GLUE_COMPILE_ELEMENTS`` values compile their glue too.
+    inputs contain at least ``GLUE_COMPILE_ELEMENTS`` values compile their glue too.
     """
     return device == "cpu" and has_loops and input_elements < GLUE_COMPILE_ELEMENTS
 
@@ -602,7 +600,7 @@ def compile(
     """Compile ``fn`` for ``device``: "cpu" or "gpu" (MAX graphs) or "numpy" (the reference evaluator).
 
     host_glue: run the straight-line parts between loops with numpy (see ``Plan``); by default on
-    for "cpu" programs that contain loops and whose array inputs hold fewer than
+    for "cpu" programs that contain loops and whose array inputs contain fewer than
     ``GLUE_COMPILE_ELEMENTS`` (4 M) values, off otherwise.
     kernels: lower the fused ops (``ops.nlm_glu``, ``ops.sync_update``, their gradients,
     ``ops.matvec`` and the three attention ops) to the Mojo kernels of ``mojo_kernels/`` (True) or to MAX built-in ops (False). None reads the environment

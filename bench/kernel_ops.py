@@ -504,7 +504,8 @@ def _adamw_torch(size, settings):
 
 def mha_cases(rng) -> list[Case]:
     """Single-query attention: Qwen2.5-0.5B decode heads, and the CTMs' reads of their observation tokens."""
-    from modgrad.graphs.attention import _single_query_attention
+    from modgrad.engine.prims.attention import _single_query_backward_impl
+    from modgrad.graphs.attention import _single_query_attention, _single_query_attention_backward
 
     cases = []
     shapes = [(1, 1024, 14, 64), (8, 1024, 14, 64), (1, 4096, 8, 128),
@@ -525,7 +526,29 @@ def mha_cases(rng) -> list[Case]:
             bytes=_nbytes(q, k, v) + q.nbytes,
             flops=4 * batch * heads * keys * head_dim,
         ))
+        grad = _f32(rng, batch, heads, head_dim)
+        cases.append(Case(
+            "mha_single_query_backward", dict(B=batch, n=keys, H=heads, dh=head_dim), [q, k, v, grad],
+            [(DType.float32, ["B", "H", "dh"]), kv, kv, (DType.float32, ["B", "H", "dh"])],
+            ours=lambda *xs: list(kernels.mha_single_query_backward(*xs)),
+            composition=lambda *xs: _single_query_attention_backward(*xs, device=None),
+            numpy_fn=_single_query_backward_impl,
+            torch_fn=_mha_backward_torch,
+            bytes=3 * _nbytes(q, k, v),
+            flops=12 * batch * heads * keys * head_dim,  # three passes of q.k, two of grad.v, d_q, d_k, d_v
+        ))
     return cases
+
+
+def _mha_backward_torch(q, k, v, grad):
+    scores = torch.einsum("bhd,bnhd->bhn", q, k) * q.shape[-1] ** -0.5
+    p = torch.softmax(scores, dim=-1)
+    dp = torch.einsum("bhd,bnhd->bhn", grad, v)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * q.shape[-1] ** -0.5
+    d_q = torch.einsum("bhn,bnhd->bhd", ds, k)
+    d_k = torch.einsum("bhn,bhd->bnhd", ds, q)
+    d_v = torch.einsum("bhn,bhd->bnhd", p, grad)
+    return d_q, d_k, d_v
 
 
 def _mha_torch(q, k, v):

@@ -34,7 +34,9 @@ def _single_query_attention(q, k, v, device, kernel=False):
 
 
 @lowering("single_query_attention_backward")
-def _single_query_attention_backward(q, k, v, grad, device):
+def _single_query_attention_backward(q, k, v, grad, device, kernel=False):
+    if kernel and all(x.dtype == DType.float32 for x in (q, k, v, grad)):
+        return list(kernels.mha_single_query_backward(q, k, v, grad))
     scale = _inverse_sqrt(q.shape[2], q)
     p, q1 = _single_query_probabilities(q, k)
     g = ops.unsqueeze(grad, 2)  # (B, H, 1, dh)

@@ -25,7 +25,8 @@ from modgrad.graphs import LOWERINGS, kernels, lowering
 # cached tokens) took 344 us against 1,032 us for the composition, which first copies the cache.
 # causal_attention (B 1, 512 tokens) took 18.3 ms against 32.9 ms. single_query_attention
 # (fastest runs, quiet machine) took 57 us against 349 us at the CTM benchmark's shape (B 16,
-# 100 tokens, 8 heads of 16) and 60 against 234 us at the maze CTM's.
+# 100 tokens, 8 heads of 16) and 60 against 234 us at the maze CTM's. Its backward took 166
+# against 803 us and 105 against 471 us at the same two shapes.
 # NOTE: GPUs get the same defaults without a measurement.
 KERNEL_DEFAULTS: dict[str, bool] = {
     "nlm_glu": True,
@@ -34,6 +35,7 @@ KERNEL_DEFAULTS: dict[str, bool] = {
     "sync_update_backward": True,
     "matvec": True,
     "single_query_attention": True,
+    "single_query_attention_backward": True,
     "decode_attention": True,
     "causal_attention": True,
 }

@@ -289,6 +289,23 @@ def mha_single_query(
     return output
 
 
+def mha_single_query_backward(
+    q: TensorValue,  # (B, H, dh)
+    k: TensorValue,  # (B, n, H, dh)
+    v: TensorValue,  # (B, n, H, dh)
+    grad: TensorValue,  # (B, H, dh), the gradient of mha_single_query's output
+) -> tuple[TensorValue, TensorValue, TensorValue]:
+    """Return the gradients ``(d_q, d_k, d_v)`` of :func:`mha_single_query`."""
+    op_name = "mha_single_query_backward"
+    for name, value, rank in (("q", q, 3), ("k", k, 4), ("v", v, 4), ("grad", grad, 3)):
+        _check_rank(op_name, name, value, rank)
+        _check_dtype(op_name, name, value, (DType.float32,))
+    d_q, d_k, d_v = _custom(
+        op_name, [q, k, v, grad], [_f32(q, list(q.shape)), _f32(q, list(k.shape)), _f32(q, list(k.shape))]
+    )
+    return d_q, d_k, d_v
+
+
 def decode_attention(
     q: TensorValue,  # (B, H, dh)
     k: TensorValue,  # (B, H_kv, dh), the new token

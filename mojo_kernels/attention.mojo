@@ -18,6 +18,9 @@ there are too few rows to keep every core busy.
 row (b, t) walks the keys of row b up to the last one it attends to, skipping
 keys at later positions.
 
+`mha_single_query_backward` gives the gradients of `mha_single_query`: each
+(batch row, head) walks its keys three times (see `_head_backward`).
+
 NOTE: `causal_attention` takes each query row on its own, so its dot products
 are vector-by-vector, not the matrix tiles of a flash-attention kernel: at
 Qwen2.5-0.5B's heads over 512 tokens it took twice as long as torch's
@@ -108,6 +111,90 @@ struct MhaSingleQuery:
             no_positions.unsafe_ptr(), ctx,
         )
         _ = no_positions^
+
+
+@register("mha_single_query_backward")
+struct MhaSingleQueryBackward:
+    """`(d_q, d_k, d_v)` of `mha_single_query`, given the gradient of its output."""
+
+    @staticmethod
+    def execute[
+        target: StaticString
+    ](
+        d_q: OutputTensor[dtype = DType.float32, rank=3, static_spec=_],
+        d_k: OutputTensor[dtype = DType.float32, rank=4, static_spec=_],
+        d_v: OutputTensor[dtype = DType.float32, rank=4, static_spec=_],
+        q: InputTensor[dtype = DType.float32, rank=3, static_spec=_],
+        k: InputTensor[dtype = DType.float32, rank=4, static_spec=_],
+        v: InputTensor[dtype = DType.float32, rank=4, static_spec=_],
+        grad: InputTensor[dtype = DType.float32, rank=3, static_spec=_],
+        ctx: DeviceContext,
+    ) raises:
+        comptime op = "mha_single_query_backward"
+        var batch = q.dim_size(0)
+        var heads = q.dim_size(1)
+        var head_dim = q.dim_size(2)
+        var keys = k.dim_size(1)
+        for axis in range(3):
+            check_dim(op, "grad", grad, axis, q.dim_size(axis))
+        check_dim(op, "k", k, 0, batch)
+        check_dim(op, "k", k, 2, heads)
+        check_dim(op, "k", k, 3, head_dim)
+        for axis in range(4):
+            check_dim(op, "v", v, axis, k.dim_size(axis))
+        check_dense(op, "q", q)
+        check_dense(op, "k", k)
+        check_dense(op, "v", v)
+        check_dense(op, "grad", grad)
+        check_dense(op, "d_q", d_q)
+        check_dense(op, "d_k", d_k)
+        check_dense(op, "d_v", d_v)
+        if batch == 0 or heads == 0:
+            return
+        if keys == 0:
+            raise Error(op, ": k and v contain no keys, and softmax over zero keys is undefined")
+        var scale = 1 / sqrt(Float32(head_dim))
+        var rows = KeyRows(keys, keys * heads * head_dim, heads * head_dim)
+        var dqp = d_q.unsafe_ptr()
+        var dkp = d_k.unsafe_ptr()
+        var dvp = d_v.unsafe_ptr()
+        var qp = q.unsafe_ptr()
+        var kp = k.unsafe_ptr()
+        var vp = v.unsafe_ptr()
+        var gp = grad.unsafe_ptr()
+        comptime width = get_kernel_simd_width[DType.float32, target]()
+
+        comptime if target == "cpu":
+            # As in the forward: whole rows when there are enough for two items per core.
+            var wanted = 2 * parallelism_level(host_context(ctx))
+            var item_heads = max(1, min(heads, (batch * heads) // wanted))
+            var row_items = ceildiv(heads, item_heads)
+
+            def task(i: Int) {
+                var dqp, var dkp, var dvp, var qp, var kp, var vp, var gp, var rows,
+                var heads, var head_dim, var scale, var item_heads, var row_items,
+            }:
+                var first = (i % row_items) * item_heads
+                for h in range(first, min(first + item_heads, heads)):
+                    _head_backward[width](
+                        dqp, dkp, dvp, qp, kp, vp, gp, rows, heads, head_dim, scale, i // row_items, h,
+                    )
+
+            sync_parallelize(task, batch * row_items, host_context(ctx))
+        else:
+
+            def head_grads[
+                simd: Int, alignment: Int = 1
+            ](idx: Coord[...]) {
+                var dqp, var dkp, var dvp, var qp, var kp, var vp, var gp, var rows,
+                var heads, var head_dim, var scale,
+            }:
+                _head_backward[width](
+                    dqp, dkp, dvp, qp, kp, vp, gp, rows, heads, head_dim, scale,
+                    Int(idx[0].value()), Int(idx[1].value()),
+                )
+
+            elementwise[simd_width=1, target=target](head_grads, Coord(batch, heads), ctx)
 
 
 @register("decode_attention")
@@ -446,3 +533,127 @@ def _attend_block[
                 acc = weights[j].fma(v[unsafe_offset=key0 + j * rows.key_stride + i], acc)
             output[unsafe_offset=row + i] = acc
             i += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Backward of the single-query attention
+
+
+@always_inline
+def _block_dots[
+    width: Int
+](
+    a: Pointer[Float32, _],
+    rows: Pointer[Float32, _],
+    a_start: Int,
+    first: Int,
+    key_stride: Int,
+    size: Int,
+    block: Int,
+    factor: Float32,
+    padding: Float32,
+) -> SIMD[DType.float32, KEY_BLOCK]:
+    """Return factor * (a . row j) for the `block` rows from `first` on, `padding` past them."""
+    var dots = SIMD[DType.float32, KEY_BLOCK](padding)
+    for j in range(block):
+        dots[j] = _dot[width](a, rows, a_start, first + j * key_stride, size) * factor
+    return dots
+
+
+@always_inline
+def _scaled_row[
+    width: Int
+](
+    dst: Pointer[mut=True, Float32, _],
+    src: Pointer[Float32, _],
+    dst_start: Int,
+    src_start: Int,
+    size: Int,
+    factor: Float32,
+):
+    """Write dst[dst_start + i] = factor * src[src_start + i] for i < size."""
+    var i = 0
+    while i + width <= size:
+        dst.unsafe_store(dst_start + i, src.unsafe_load[width=width](src_start + i) * factor)
+        i += width
+    while i < size:
+        dst[unsafe_offset=dst_start + i] = src[unsafe_offset=src_start + i] * factor
+        i += 1
+
+
+@always_inline
+def _head_backward[
+    width: Int
+](
+    d_q: Pointer[mut=True, Float32, _],
+    d_k: Pointer[mut=True, Float32, _],
+    d_v: Pointer[mut=True, Float32, _],
+    q: Pointer[Float32, _],
+    k: Pointer[Float32, _],
+    v: Pointer[Float32, _],
+    grad: Pointer[Float32, _],
+    rows: KeyRows,
+    heads: Int,
+    head_dim: Int,
+    scale: Float32,
+    b: Int,
+    h: Int,
+):
+    """Write d_q[b, h] and d_k, d_v[b, :, h] in three passes over the keys, `KEY_BLOCK` at a time.
+
+    With p the softmax weights and dp_j = grad . v_j: the first pass finds the softmax's
+    maximum and sum, the second writes d_v_j = p_j grad and sums p . dp, and the third
+    writes d_k_j = ds_j q and sums d_q = sum_j ds_j k_j, where ds_j = p_j (dp_j - p . dp) / sqrt(dh).
+    The passes recompute the dh-long dot products instead of keeping n of them per head.
+    """
+    var row = (b * heads + h) * head_dim
+    var key0 = b * rows.batch_stride + h * head_dim
+    var top = LOWEST
+    var total = Float32(0)
+    var start = 0
+    while start < rows.keys:
+        var block = min(KEY_BLOCK, rows.keys - start)
+        var scores = _block_dots[width](q, k, row, key0 + start * rows.key_stride, rows.key_stride, head_dim, block, scale, LOWEST)
+        var new_top = max(top, scores.reduce_max())
+        total = total * exp(top - new_top) + exp(scores - new_top).reduce_add()
+        top = new_top
+        start += block
+    var inverse = 1 / total
+
+    var p_dot_dp = Float32(0)
+    start = 0
+    while start < rows.keys:
+        var block = min(KEY_BLOCK, rows.keys - start)
+        var first = key0 + start * rows.key_stride
+        var p = exp(_block_dots[width](q, k, row, first, rows.key_stride, head_dim, block, scale, LOWEST) - top) * inverse
+        var dp = _block_dots[width](grad, v, row, first, rows.key_stride, head_dim, block, 1, 0)
+        p_dot_dp += (p * dp).reduce_add()
+        for j in range(block):
+            _scaled_row[width](d_v, grad, first + j * rows.key_stride, row, head_dim, p[j])
+        start += block
+
+    for i in range(head_dim):
+        d_q[unsafe_offset=row + i] = 0
+    start = 0
+    while start < rows.keys:
+        var block = min(KEY_BLOCK, rows.keys - start)
+        var first = key0 + start * rows.key_stride
+        var p = exp(_block_dots[width](q, k, row, first, rows.key_stride, head_dim, block, scale, LOWEST) - top) * inverse
+        var dp = _block_dots[width](grad, v, row, first, rows.key_stride, head_dim, block, 1, 0)
+        var ds = p * (dp - p_dot_dp) * scale  # 0 past `block`, where p is 0
+        for j in range(block):
+            _scaled_row[width](d_k, q, first + j * rows.key_stride, row, head_dim, ds[j])
+        var i = 0
+        while i + width <= head_dim:
+            var acc = d_q.unsafe_load[width=width](row + i)
+            for j in range(block):
+                acc = SIMD[DType.float32, width](ds[j]).fma(k.unsafe_load[width=width](first + j * rows.key_stride + i), acc)
+            d_q.unsafe_store(row + i, acc)
+            i += width
+        while i < head_dim:
+            var acc = d_q[unsafe_offset=row + i]
+            for j in range(block):
+                acc = ds[j].fma(k[unsafe_offset=first + j * rows.key_stride + i], acc)
+            d_q[unsafe_offset=row + i] = acc
+            i += 1
+        start += block

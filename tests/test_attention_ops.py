@@ -132,6 +132,7 @@ def test_compiled_single_query_attention_kernels_on_and_off(rng):
                 assert_close(got, want, np.float32, f"{name} with kernels={kernels}, B {batch}, n {tokens}")
 
         assert lowers_to_kernel(fn, "mha_single_query") == kernels
+        assert lowers_to_kernel(fn, "mha_single_query_backward") == kernels
 
 
 # --------------------------------------------------------------------------------------------

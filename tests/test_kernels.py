@@ -28,6 +28,7 @@ from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType, ops
 
 from modgrad.graphs import kernels
+from modgrad.engine.prims.attention import _single_query_backward_impl
 from modgrad.kernels import adamw_hyper, reference
 
 pytestmark = pytest.mark.max
@@ -400,6 +401,36 @@ def test_mha_single_query_matches_reference(mha_model, device, batch, keys, head
     # are relative to max|v|; the dh-term score dot products add a relative weight error.
     assert_close(output, reference.mha_single_query(q64, k64, v64), terms=keys + head_dim,
                  abs_sum=np.abs(v64).max(axis=1))
+
+
+@pytest.fixture(scope="module")
+def mha_backward_model(session, device_ref):
+    q = f32(device_ref, "B", "H", "dh")
+    kv = f32(device_ref, "B", "n", "H", "dh")
+    return compile_graph(session, "mha_backward_test", [q, kv, kv, q],
+                         lambda q, k, v, g: list(kernels.mha_single_query_backward(q, k, v, g)))
+
+
+@pytest.mark.parametrize("batch,keys,heads,head_dim", MHA_CASES + [(16, 100, 8, 16), (2, 17, 3, 20)])
+def test_mha_single_query_backward_matches_engine_gradient(mha_backward_model, device, batch, keys, heads,
+                                                           head_dim):
+    rng = np.random.default_rng(keys + head_dim + 1)
+    q = rng.standard_normal((batch, heads, head_dim)).astype(np.float32)
+    k = rng.standard_normal((batch, keys, heads, head_dim)).astype(np.float32)
+    v = rng.standard_normal((batch, keys, heads, head_dim)).astype(np.float32)
+    grad = rng.standard_normal((batch, heads, head_dim)).astype(np.float32)
+    d_q, d_k, d_v = run(mha_backward_model, device, q, k, v, grad)
+    q64, k64, v64, g64 = as64(q, k, v, grad)
+    want_q, want_k, want_v = _single_query_backward_impl(q64, k64, v64, g64)
+    # The softmax weights p carry the error of the dh-term scores and the n-term sum, so every
+    # result gets terms = n + dh. |dp_j| and |p . dp| are at most bound = sum|grad| max|v|, so
+    # |ds_j| <= 2 bound / sqrt(dh), and d_q sums n terms ds_j k_j with weights p_j summing to 1.
+    terms = keys + head_dim
+    bound = np.abs(g64).sum(-1) * np.abs(v64).max(axis=(1, 3))  # (B, H)
+    ds_bound = 2 * bound / np.sqrt(head_dim)
+    assert_close(d_v, want_v, terms=terms, abs_sum=np.abs(g64)[:, None])
+    assert_close(d_k, want_k, terms=terms, abs_sum=np.abs(q64)[:, None] * ds_bound[:, None, :, None])
+    assert_close(d_q, want_q, terms=terms, abs_sum=ds_bound[..., None] * np.abs(k64).max(axis=1))
 
 
 # --------------------------------------------------------------------------------------------

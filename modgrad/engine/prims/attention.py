@@ -5,7 +5,8 @@ over the n tokens of that row, with no mask and no positions:
 
     out[b, h] = sum_j softmax_j(q[b, h] . k[b, j, h] / sqrt(dh)) v[b, j, h]
 
-Compiled float32 programs run it as the Mojo kernel ``mha_single_query``.
+Compiled float32 programs run it as the Mojo kernel ``mha_single_query`` and its gradient as
+``mha_single_query_backward``.
 
 Decode attention takes one new token's query heads over the cache and the token itself:
 

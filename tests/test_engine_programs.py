@@ -373,6 +373,40 @@ def test_weight_gradient_summed_after_loop(rng):
     assert (HR, T * 2) in products
 
 
+def layer_norm_loop_loss(p, xs):
+    def step(h, x):
+        h = ops.layer_norm(h @ p["w"] + x, p["g1"], p["b1"])
+        h = ops.tanh(ops.layer_norm(h, p["g2"], p["b2"]))
+        return h, ops.sum(h)
+
+    h, ys = mg.scan(step, ops.zeros((3, 4), np.float64), xs)
+    return ops.sum(ops.square(h)) + 0.5 * ops.sum(ys)
+
+
+def test_small_running_sums_packed_into_one_carry(rng):
+    """The layer norms' scales and shifts (four sums of 4 values) travel as one carry of 16."""
+    from modgrad.engine.core import Trace, trace_scope
+
+    p = {"w": rng.standard_normal((4, 4)) / 2, "g1": 1 + rng.standard_normal(4) / 4, "b1": rng.standard_normal(4) / 4,
+         "g2": 1 + rng.standard_normal(4) / 4, "b2": rng.standard_normal(4) / 4}
+    xs = rng.standard_normal((6, 3, 4))
+    trace = Trace(name="test")
+    with trace_scope(trace):
+        traced = {k: trace.placeholder(v.shape, v.dtype) for k, v in p.items()}
+        mg.value_and_grad(layer_norm_loop_loss)(traced, trace.placeholder(xs.shape, xs.dtype))
+    backward = [n for n in trace.nodes if n.prim.name == "scan"][-1]
+    n_consts, n_carry = backward.attrs["n_consts"], backward.attrs["n_carry"]
+    carried = [tuple(v.shape) for v in backward.inputs[n_consts : n_consts + n_carry]]
+    assert carried.count((16,)) == 1, carried
+    assert (4,) not in carried, carried
+
+    eager = mg.value_and_grad(layer_norm_loop_loss)(p, xs)
+    traced_result = mg.compile(mg.value_and_grad(layer_norm_loop_loss), device="numpy")(p, xs)
+    np.testing.assert_allclose(traced_result[0], eager[0], rtol=1e-12)
+    for name in p:
+        np.testing.assert_allclose(traced_result[1][name], eager[1][name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 def test_nested_loop_gradient_matches_eager(rng):
     """A scan inside a scan body: the inner loop's residuals become residuals of the outer loop."""
 

@@ -35,7 +35,13 @@ from modgrad.engine.core import (
     trace_scope,
 )
 from modgrad.engine.interpret import program_runner
-from modgrad.engine.prims.deferred import deferred_sum, producers_of, split_gradient
+from modgrad.engine.prims.deferred import (
+    deferred_sum,
+    pack_small_sums,
+    producers_of,
+    split_gradient,
+    unpack_sums,
+)
 from modgrad.engine.prims.elementwise import add_p
 from modgrad.engine.pytree import tree_flatten, tree_unflatten
 
@@ -330,6 +336,10 @@ def _scan_vjp_saved(node: Node, cts: list):
     per_step = [v for v in operands if v.uid not in known]  # computed by the backward step
     forward_operands = [v for v in operands if v.uid in known]  # stacked by the forward loop
     acc_ph, new_acc, acc0 = ([seq[i] for i in carried] for seq in (acc_ph, new_acc, acc0))
+    acc_ph, new_acc, acc0, packed = pack_small_sums(step, acc_ph, new_acc, acc0)
+    if packed is not None:  # positions in the carried lists -> the constants' indices
+        packed_consts = [carried[i] for i in packed.positions]
+        carried = [c for c in carried if c not in set(packed_consts)]
     bwd_outputs = new_d + new_acc + dx + per_step
     backward_nodes, boundary = _backward_side(step.nodes, bwd_outputs, known, invariant)
 
@@ -401,7 +411,9 @@ def _scan_vjp_saved(node: Node, cts: list):
     n_carry = len(d_ph) + len(acc_ph)
     n_dx = len(dx)
     stacked.update((v.uid, s) for v, s in zip(per_step, bwd[n_carry + n_dx : n_carry + n_dx + len(per_step)]))
-    sums = dict(zip(carried, bwd[len(d_ph) : n_carry]))
+    sums = dict(zip(carried, bwd[len(d_ph) : n_carry]))  # stops before a packed carry, which is last
+    if packed is not None:
+        sums.update(zip(packed_consts, unpack_sums(bwd[n_carry - 1], packed)))
     d_consts = []
     for i in range(n_sums):
         total = sums.get(i)

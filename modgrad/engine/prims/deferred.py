@@ -8,17 +8,24 @@ likewise becomes one reduction of the stacked g_t.
 
 ``split_gradient`` finds such terms in the gradient a backward step adds to a constant's
 running sum, and ``deferred_sum`` builds their total from the stacked per-step operands.
+
+The running sums that stay in the loop and hold few values each (a layer norm's scale and
+shift, per layer) are packed into one flat carry by ``pack_small_sums``: the backward step
+adds all of them with one op and passes one value on, instead of an add and a loop value per
+constant. ``unpack_sums`` cuts the packed total apart after the loop.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from modgrad.engine.core import Node, Value, bind
+import numpy as np
+
+from modgrad.engine.core import Node, Trace, Value, bind, trace_scope
 from modgrad.engine.prims.elementwise import add_p
 from modgrad.engine.prims.linalg import matmul_p
 from modgrad.engine.prims.reduce import reduce_sum_p
-from modgrad.engine.prims.shape import reshape_p, transpose_p
+from modgrad.engine.prims.shape import broadcast_to_p, concat_p, reshape_p, slice_p, transpose_p
 
 
 class Term(NamedTuple):
@@ -121,3 +128,87 @@ def deferred_sum(terms: list[Term], stacked: dict[int, Value]) -> Value:
             part = bind(reduce_sum_p, stacked[term.operands[0].uid], axes=axes, keepdims=False)
         total = part if total is None else bind(add_p, total, part)
     return total
+
+
+# Running sums of at most this many values are packed. Larger ones gain nothing from sharing
+# an add, and packing would copy them once more per step.
+PACK_ELEMENTS = 65_536
+
+
+class Packed(NamedTuple):
+    """Running sums packed into one flat carry: their positions in the carried lists and shapes."""
+
+    positions: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+
+def _increments(total: Value, running: Value, producers: dict[int, Node]) -> list[Value] | None:
+    """Return the values that ``total`` adds to ``running`` (total = ((running + a) + b) ...), else None."""
+    found = []
+    value = total
+    while True:
+        node = producers.get(value.uid)
+        if node is None or node.prim is not add_p:
+            return None
+        left, right = node.inputs
+        if not (isinstance(left, Value) and isinstance(right, Value)):
+            return None
+        if tuple(right.shape) != tuple(running.shape) or right.dtype != running.dtype:
+            return None
+        found.append(right)
+        if left.uid == running.uid:
+            return found
+        value = left
+
+
+def pack_small_sums(step: Trace, running: list[Value], totals: list[Value], initial: list[Value]):
+    """Pack the small running sums of a backward step into one flat carry, appended last.
+
+    running: the step's placeholders of the sums. totals: the step's new sums, running plus
+    this step's gradient. initial: the sums before the loop, zeros in the enclosing trace.
+    Returns the three lists, each with the packed sums removed and the packed carry appended,
+    and a ``Packed``. When fewer than two sums qualify it returns them unchanged and None.
+    """
+    producers = producers_of(step.nodes)
+    chosen, pieces = [], []
+    for i, (ph, total) in enumerate(zip(running, totals)):
+        shape = tuple(ph.shape)
+        if not all(isinstance(d, int) for d in shape) or int(np.prod(shape)) > PACK_ELEMENTS:
+            continue
+        if chosen and ph.dtype != running[chosen[0]].dtype:
+            continue
+        increments = _increments(total, ph, producers)
+        if increments is not None:
+            chosen.append(i)
+            pieces.append(increments)
+    if len(chosen) < 2:
+        return running, totals, initial, None
+    dtype = running[chosen[0]].dtype
+    shapes = tuple(tuple(running[i].shape) for i in chosen)
+    size = sum(int(np.prod(shape)) for shape in shapes)
+    with trace_scope(step):
+        flat = []
+        for increments, shape in zip(pieces, shapes):
+            summed = increments[0]
+            for extra in increments[1:]:
+                summed = bind(add_p, summed, extra)
+            flat.append(bind(reshape_p, summed, shape=(int(np.prod(shape)),)))
+        packed_running = step.placeholder((size,), dtype)
+        packed_total = bind(add_p, packed_running, bind(concat_p, *flat, axis=0))
+    packed_initial = bind(broadcast_to_p, np.zeros((), dtype), shape=(size,))
+    keep = [i for i in range(len(running)) if i not in set(chosen)]
+    running, totals, initial = ([seq[i] for i in keep] + [extra]
+                                for seq, extra in ((running, packed_running), (totals, packed_total),
+                                                   (initial, packed_initial)))
+    return running, totals, initial, Packed(tuple(chosen), shapes)
+
+
+def unpack_sums(packed_total: Value, packed: Packed) -> list[Value]:
+    """Cut the packed carry's final value back into the sums, in ``packed.positions`` order."""
+    sums, start = [], 0
+    for shape in packed.shapes:
+        size = int(np.prod(shape))
+        piece = bind(slice_p, packed_total, starts=(start,), stops=(start + size,))
+        sums.append(bind(reshape_p, piece, shape=shape))
+        start += size
+    return sums

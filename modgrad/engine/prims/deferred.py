@@ -130,8 +130,10 @@ def deferred_sum(terms: list[Term], stacked: dict[int, Value]) -> Value:
     return total
 
 
-# Running sums of at most this many values are packed. Larger ones gain nothing from sharing
-# an add, and packing would copy them once more per step.
+# Running sums of at most this many values are packed. Packing copies each gradient once more
+# per step (the concat), which pays while an add of its own costs more to launch than to run.
+# NOTE: the limit was not searched for. A larger sum still costs a pass per step, 170-260 us for
+# an NLM weight of 512 x 25 x 64 values. A fused op that adds into the running sum would save it.
 PACK_ELEMENTS = 65_536
 
 

@@ -383,28 +383,50 @@ def layer_norm_loop_loss(p, xs):
     return ops.sum(ops.square(h)) + 0.5 * ops.sum(ys)
 
 
-def test_small_running_sums_packed_into_one_carry(rng):
-    """The layer norms' scales and shifts (four sums of 4 values) travel as one carry of 16."""
-    from modgrad.engine.core import Trace, trace_scope
+def traced_layer_norm_loop(p, xs, device):
+    """Return the layer-norm loop's value_and_grad traced for ``device``, and its backward loop's carry shapes."""
+    from modgrad.engine.core import Program, Trace, trace_scope
+    from modgrad.engine.pytree import tree_flatten
 
-    p = {"w": rng.standard_normal((4, 4)) / 2, "g1": 1 + rng.standard_normal(4) / 4, "b1": rng.standard_normal(4) / 4,
-         "g2": 1 + rng.standard_normal(4) / 4, "b2": rng.standard_normal(4) / 4}
-    xs = rng.standard_normal((6, 3, 4))
-    trace = Trace(name="test")
+    trace = Trace(name="test", device=device)
     with trace_scope(trace):
         traced = {k: trace.placeholder(v.shape, v.dtype) for k, v in p.items()}
-        mg.value_and_grad(layer_norm_loop_loss)(traced, trace.placeholder(xs.shape, xs.dtype))
+        out = mg.value_and_grad(layer_norm_loop_loss)(traced, trace.placeholder(xs.shape, xs.dtype))
     backward = [n for n in trace.nodes if n.prim.name == "scan"][-1]
     n_consts, n_carry = backward.attrs["n_consts"], backward.attrs["n_carry"]
     carried = [tuple(v.shape) for v in backward.inputs[n_consts : n_consts + n_carry]]
+    return Program(trace.inputs, trace.nodes, tree_flatten(out)[0]), carried
+
+
+def layer_norm_loop_params(rng):
+    p = {"w": rng.standard_normal((4, 4)) / 2, "g1": 1 + rng.standard_normal(4) / 4, "b1": rng.standard_normal(4) / 4,
+         "g2": 1 + rng.standard_normal(4) / 4, "b2": rng.standard_normal(4) / 4}
+    return p, rng.standard_normal((6, 3, 4))
+
+
+def test_small_sums_packed_when_compiled(rng):
+    """The layer norms' scales and shifts (four sums of 4 values) travel as one carry of 16."""
+    from modgrad.engine.interpret import run_program
+    from modgrad.engine.pytree import tree_flatten
+
+    p, xs = layer_norm_loop_params(rng)
+    program, carried = traced_layer_norm_loop(p, xs, "cpu")
     assert carried.count((16,)) == 1, carried
     assert (4,) not in carried, carried
 
-    eager = mg.value_and_grad(layer_norm_loop_loss)(p, xs)
-    traced_result = mg.compile(mg.value_and_grad(layer_norm_loop_loss), device="numpy")(p, xs)
-    np.testing.assert_allclose(traced_result[0], eager[0], rtol=1e-12)
-    for name in p:
-        np.testing.assert_allclose(traced_result[1][name], eager[1][name], rtol=1e-10, atol=1e-12, err_msg=name)
+    loss, grads = mg.value_and_grad(layer_norm_loop_loss)(p, xs)
+    got = run_program(program, [*p.values(), xs])  # the placeholders' order
+    np.testing.assert_allclose(got[0], loss, rtol=1e-12)
+    for name, value, want in zip(sorted(grads), got[1:], tree_flatten(grads)[0]):
+        np.testing.assert_allclose(value, want, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_small_sums_unpacked_for_numpy(rng):
+    """For the numpy evaluator each sum keeps its own carry."""
+    p, xs = layer_norm_loop_params(rng)
+    _, carried = traced_layer_norm_loop(p, xs, "numpy")
+    assert carried.count((4,)) == 4, carried
+    assert (16,) not in carried, carried
 
 
 def test_nested_loop_gradient_matches_eager(rng):

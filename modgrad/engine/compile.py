@@ -513,7 +513,7 @@ class CompiledFunction:
     def _build(self, args, key):
         td, sig = key
         leaves, _ = tree_flatten(args)
-        trace = Trace(name=f"compile {self.name}")
+        trace = Trace(name=f"compile {self.name}", device=self.device)
         STATS["traces"] += 1
         in_positions = []
         with trace_scope(trace):

@@ -194,9 +194,12 @@ class Program:
 class Trace:
     """An append-only list of nodes with its placeholders and the outer values it captured."""
 
-    def __init__(self, parent: "Trace | None" = None, name: str = "trace"):
+    def __init__(self, parent: "Trace | None" = None, name: str = "trace", device: str | None = None):
         self.parent = parent
         self.name = name
+        # The device the traced program will run on, when known (a nested trace inherits it).
+        # Loop gradients take a form that suits it.
+        self.device = device if device is not None or parent is None else parent.device
         self.nodes: list[Node] = []
         self.inputs: list[Value] = []
         self.captures: dict[int, tuple[Value, Value]] = {}  # outer uid -> (outer, placeholder)

@@ -336,7 +336,10 @@ def _scan_vjp_saved(node: Node, cts: list):
     per_step = [v for v in operands if v.uid not in known]  # computed by the backward step
     forward_operands = [v for v in operands if v.uid in known]  # stacked by the forward loop
     acc_ph, new_acc, acc0 = ([seq[i] for i in carried] for seq in (acc_ph, new_acc, acc0))
-    acc_ph, new_acc, acc0, packed = pack_small_sums(step, acc_ph, new_acc, acc0)
+    packed = None
+    # The numpy evaluator pays about as much for each of the packing's reshapes as for an add.
+    if step.device != "numpy":
+        acc_ph, new_acc, acc0, packed = pack_small_sums(step, acc_ph, new_acc, acc0)
     if packed is not None:  # positions in the carried lists -> the constants' indices
         packed_consts = [carried[i] for i in packed.positions]
         carried = [c for c in carried if c not in set(packed_consts)]

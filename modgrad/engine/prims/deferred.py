@@ -12,7 +12,9 @@ running sum, and ``deferred_sum`` builds their total from the stacked per-step o
 The running sums that stay in the loop and hold few values each (a layer norm's scale and
 shift, per layer) are packed into one flat carry by ``pack_small_sums``: the backward step
 adds all of them with one op and passes one value on, instead of an add and a loop value per
-constant. ``unpack_sums`` cuts the packed total apart after the loop.
+constant. ``unpack_sums`` cuts the packed total apart after the loop. Compiled programs pack.
+Programs for the numpy evaluator do not: it pays per op for the packing's reshapes much as for
+the adds they replace, and an 8-region maze brain's step took 1.08 s packed against 1.04 s.
 """
 
 from __future__ import annotations

@@ -340,9 +340,10 @@ def _scan_vjp_saved(node: Node, cts: list):
     # The numpy evaluator pays about as much for each of the packing's reshapes as for an add.
     if step.device != "numpy":
         acc_ph, new_acc, acc0, packed = pack_small_sums(step, acc_ph, new_acc, acc0)
-    if packed is not None:  # positions in the carried lists -> the constants' indices
-        packed_consts = [carried[i] for i in packed.positions]
-        carried = [c for c in carried if c not in set(packed_consts)]
+    if packed is not None:
+        packed_consts = [carried[i] for i in packed.positions]  # the constants' indices
+        packed_set = set(packed_consts)
+        carried = [c for c in carried if c not in packed_set]
     bwd_outputs = new_d + new_acc + dx + per_step
     backward_nodes, boundary = _backward_side(step.nodes, bwd_outputs, known, invariant)
 

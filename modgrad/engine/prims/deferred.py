@@ -200,10 +200,11 @@ def pack_small_sums(step: Trace, running: list[Value], totals: list[Value], init
         packed_running = step.placeholder((size,), dtype)
         packed_total = bind(add_p, packed_running, bind(concat_p, *flat, axis=0))
     packed_initial = bind(broadcast_to_p, np.zeros((), dtype), shape=(size,))
-    keep = [i for i in range(len(running)) if i not in set(chosen)]
-    running, totals, initial = ([seq[i] for i in keep] + [extra]
-                                for seq, extra in ((running, packed_running), (totals, packed_total),
-                                                   (initial, packed_initial)))
+    packed_set = set(chosen)
+    keep = [i for i in range(len(running)) if i not in packed_set]
+    running = [running[i] for i in keep] + [packed_running]
+    totals = [totals[i] for i in keep] + [packed_total]
+    initial = [initial[i] for i in keep] + [packed_initial]
     return running, totals, initial, Packed(tuple(chosen), shapes)
 
 

@@ -412,8 +412,7 @@ def mha_backward_model(session, device_ref):
 
 
 @pytest.mark.parametrize("batch,keys,heads,head_dim", MHA_CASES + [(16, 100, 8, 16), (2, 17, 3, 20)])
-def test_mha_single_query_backward_matches_engine_gradient(mha_backward_model, device, batch, keys, heads,
-                                                           head_dim):
+def test_mha_backward_matches_engine_gradient(mha_backward_model, device, batch, keys, heads, head_dim):
     rng = np.random.default_rng(keys + head_dim + 1)
     q = rng.standard_normal((batch, heads, head_dim)).astype(np.float32)
     k = rng.standard_normal((batch, keys, heads, head_dim)).astype(np.float32)

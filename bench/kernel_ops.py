@@ -10,7 +10,8 @@ Then one line per kernel and shape with ``time_us`` for ``mojo`` (our custom op 
 graph), ``max_ops`` (the same math written with ``max.graph.ops``), ``numpy`` and ``torch``
 (CPU, eager): medians, and in ``min_time_us`` the fastest run. The ``fused`` family times
 the engine's fused ops (``ops.nlm_glu``, ``ops.sync_update`` and their gradients) as
-``modgrad.compile`` lowers them, with the kernel on (``mojo``) and off (``max_ops``). The achieved GB/s counts
+``modgrad.compile`` lowers them, with the kernel on (``mojo``) and off (``max_ops``). The
+``trace`` family times ``ops.trace_push`` and its gradient the same way. The achieved GB/s counts
 compulsory bytes: every input read once, every output written once. GB/s, GFLOP/s, the
 fraction of the copy bandwidth and the machine figures all come from the fastest runs,
 because on a machine shared with other work the fastest run is the better estimate.
@@ -398,6 +399,43 @@ def fused_cases(rng) -> list[Case]:
     return cases
 
 
+def trace_cases(rng) -> list[Case]:
+    """Build cases of the CTM's trace window (``ops.trace_push``) and its gradient, lowered as
+    ``fused_cases`` lowers the fused ops. The window is the maze CTM's: D 512, B 16, M 25."""
+    cases = []
+    for neurons, batch, memory in [(512, 16, 25), (512, 64, 25)]:
+        trace, grad, other = (_f32(rng, neurons, batch, memory) for _ in range(3))
+        new = _f32(rng, neurons, batch)
+        shape = dict(D=neurons, B=batch, M=memory)
+        window = (DType.float32, ["D", "B", memory])
+        cases.append(Case(
+            "fused_trace_push", shape, [trace, new], [window, (DType.float32, ["D", "B"])],
+            ours=lambda *v: _lower_fused("trace_push", v, kernel=True),
+            composition=lambda *v: _lower_fused("trace_push", v, kernel=False),
+            numpy_fn=lambda *v: fused.trace_push_p.impl(*v),
+            torch_fn=lambda t, n: torch.cat([t[..., 1:], n[..., None]], -1),
+            bytes=2 * trace.nbytes + new.nbytes,
+            flops=0,
+        ))
+        for grads in ([grad], [grad, other]):
+            cases.append(Case(
+                "fused_trace_push_backward" + ("_sum" if len(grads) == 2 else ""), shape, grads,
+                [window] * len(grads),
+                ours=lambda *v: _lower_fused("trace_push_backward", v, kernel=True),
+                composition=lambda *v: _lower_fused("trace_push_backward", v, kernel=False),
+                numpy_fn=lambda *v: fused.trace_push_backward_p.impl(*v),
+                torch_fn=_trace_push_backward_torch,
+                bytes=_nbytes(*grads) + trace.nbytes + new.nbytes,
+                flops=(len(grads) - 1) * trace.size,
+            ))
+    return cases
+
+
+def _trace_push_backward_torch(*grads):
+    grad = grads[0] if len(grads) == 1 else grads[0] + grads[1]
+    return torch.nn.functional.pad(grad[..., :-1], (1, 0)), grad[..., -1]
+
+
 def _lower_fused(name: str, values, kernel: bool) -> list[TensorValue]:
     return lower(name, list(values), {"kernel": kernel}, values[0].device)
 
@@ -623,6 +661,7 @@ CASES: dict[str, Callable[[np.random.Generator], list[Case]]] = {
     "sync_update": sync_cases,
     "nlm": nlm_cases,
     "fused": fused_cases,
+    "trace": trace_cases,
     "matvec": matvec_cases,
     "adamw_fused": adamw_cases,
     "mha_single_query": mha_cases,

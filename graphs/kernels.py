@@ -205,6 +205,34 @@ def _check_nlm_inputs(op_name: str, trace: TensorValue, weight: TensorValue, bia
 
 
 # --------------------------------------------------------------------------------------------
+# Trace window
+
+
+def trace_push(trace: TensorValue, new: TensorValue) -> TensorValue:
+    """Return the window (R, M) with each row's oldest slot dropped and ``new`` (R,) appended."""
+    op_name = "trace_push"
+    _check_rank(op_name, "trace", trace, 2)
+    _check_rank(op_name, "new", new, 1)
+    for name, value in (("trace", trace), ("new", new)):
+        _check_dtype(op_name, name, value, (DType.float32,))
+    (window,) = _custom(op_name, [trace, new], [_f32(trace, list(trace.shape))])
+    return window
+
+
+def trace_push_backward(grad: TensorValue, other: TensorValue | None = None) -> tuple[TensorValue, TensorValue]:
+    """Return ``(d_trace (R, M), d_new (R,))`` of :func:`trace_push` for the gradient ``grad``
+    (R, M) on its result, plus ``other`` (R, M) when given. The kernel adds the two as it reads them."""
+    grads = [grad] if other is None else [grad, other]
+    op_name = "trace_push_backward" if other is None else "trace_push_backward_sum"
+    for name, value in zip(("grad", "other"), grads):
+        _check_rank(op_name, name, value, 2)
+        _check_dtype(op_name, name, value, (DType.float32,))
+    rows = grad.shape[0]
+    d_trace, d_new = _custom(op_name, grads, [_f32(grad, list(grad.shape)), _f32(grad, [rows])])
+    return d_trace, d_new
+
+
+# --------------------------------------------------------------------------------------------
 # Small-batch matmul
 
 # K ranges of the small-batch matmul: enough that both cores of a small CPU get work when N is

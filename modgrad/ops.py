@@ -22,7 +22,7 @@ __all__ = [
     "matmul", "max", "maximum", "mean", "min", "minimum", "mul", "neg", "one_hot", "ones", "pow", "relu",
     "reshape", "rms_norm", "rsqrt", "scan", "sigmoid", "silu", "sin", "slice_axis", "softmax", "sqrt",
     "square", "squeeze", "stack", "stop_gradient", "sub", "sum", "tanh", "transpose", "var", "where",
-    "zeros", "glu", "matvec", "nlm_glu", "sync_update", "single_query_attention", "decode_attention",
+    "zeros", "glu", "matvec", "nlm_glu", "trace_push", "sync_update", "single_query_attention", "decode_attention",
     "causal_attention", "shape_of", "dtype_of",
 ]
 
@@ -419,6 +419,17 @@ def nlm_glu(trace, w, b):
     w = w if isinstance(w, Value) else np.asarray(w)
     b = b if isinstance(b, Value) else np.asarray(b)
     return bind(fused.nlm_glu_p, trace, w, b)
+
+
+def trace_push(trace, new):
+    """Drop the oldest slot of each window and append ``new``: trace (..., M), new (...) -> (..., M).
+
+    Computes ``concat([trace[..., 1:], expand_dims(new, -1)], -1)`` as one op. Compiled float32
+    programs run it and its gradient as Mojo kernels unless kernels are switched off.
+    """
+    trace = trace if isinstance(trace, Value) else np.asarray(trace)
+    new = new if isinstance(new, Value) else np.asarray(new)
+    return bind(fused.trace_push_p, trace, new)
 
 
 def sync_update(z, left, right, decay, alpha, beta):

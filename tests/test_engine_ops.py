@@ -353,6 +353,22 @@ def sync_update_backward_ref(z, left, right, decay, alpha, beta, *grads):
         return torch.autograd.grad(outs, inputs, grads)
 
 
+def trace_push_ref(trace, new):
+    return torch.cat([trace[..., 1:], new[..., None]], -1)
+
+
+def trace_push_backward_ours(grad, other):
+    """The backward of a window whose gradient arrives as the sum of two."""
+    return tuple(bind(fu.trace_push_backward_p, grad, other))
+
+
+def trace_push_backward_ref(grad, other):
+    with torch.enable_grad():
+        inputs = [torch.zeros(grad.shape, dtype=grad.dtype, requires_grad=True),
+                  torch.zeros(grad.shape[:-1], dtype=grad.dtype, requires_grad=True)]
+        return torch.autograd.grad(trace_push_ref(*inputs), inputs, grad + other)
+
+
 def layer_norm_ref(x, gamma, beta):
     return F.layer_norm(x, (x.shape[-1],), gamma, beta, eps=1e-5)
 
@@ -481,6 +497,11 @@ FUSED_CASES = [
          "sync_update_backward", differentiable=False),
     Case("matvec", ops.matvec, torch.matmul,
          lambda r, n, d: [normal()(r, (2, 1, n), d), normal()(r, (n, 5), d)], "matvec"),
+    Case("trace_push", ops.trace_push, trace_push_ref,
+         lambda r, n, d: [normal()(r, (n, 3, 4), d), normal()(r, (n, 3), d)], "trace_push"),
+    Case("trace_push_backward", trace_push_backward_ours, trace_push_backward_ref,
+         lambda r, n, d: [normal()(r, (n, 3, 4), d) for _ in range(2)], "trace_push_backward",
+         differentiable=False),
 ]
 PRIMITIVE_CASES += FUSED_CASES
 

@@ -1,4 +1,5 @@
-"""The fused ops ``ops.nlm_glu``, ``ops.sync_update`` and ``ops.matvec`` against torch, their compositions, and compiled.
+"""The fused ops ``ops.nlm_glu``, ``ops.sync_update``, ``ops.matvec`` and ``ops.trace_push`` against
+torch, their compositions, and compiled.
 
 The NLM checks cover D in {1, 9, 32, 512}, M in {2, 4, 8, 25}, B in {1, 3} and H in
 {1, 3, 32}, so the matmuls meet single and odd sizes. The sync checks cover B in {1, 3}, the
@@ -330,3 +331,71 @@ def test_compiled_matvec_kernels_on_and_off(rng):
         (segment,) = [step for step in plan.steps if step.outputs]
         text = str(engine_compile._segment_graph(segment, "cpu", "matvec_inspect", plan.kernels))
         assert ('symbol = "matvec"' in text) == kernels
+
+
+# --------------------------------------------------------------------------------------------
+# Trace window
+
+WINDOW_SHAPES = [(1, 1, 1), (3, 2, 4), (512, 3, 25)]  # (D, B, M)
+
+
+def window_loss(trace, new, weight):
+    """Push twice. The first window is read twice, so its gradient arrives as a sum of two, and
+    the second window's arrives whole."""
+    pushed = ops.trace_push(trace, new)
+    again = ops.trace_push(ops.tanh(pushed), new * 0.5)
+    return ops.sum(pushed * weight) + ops.sum(ops.sin(again))
+
+
+def torch_window_loss(trace, new, weight):
+    pushed = torch.cat([trace[..., 1:], new[..., None]], -1)
+    again = torch.cat([torch.tanh(pushed)[..., 1:], (new * 0.5)[..., None]], -1)
+    return (pushed * weight).sum() + torch.sin(again).sum()
+
+
+def window_inputs(rng, shape, dtype):
+    return [rng.standard_normal(s).astype(dtype) for s in (shape, shape[:-1], shape)]
+
+
+@pytest.mark.parametrize("shape", WINDOW_SHAPES)
+def test_trace_push_matches_torch(rng, shape):
+    trace, new, weight = window_inputs(rng, shape, np.float64)
+    pushed = ops.trace_push(trace, new)
+    np.testing.assert_array_equal(pushed, np.concatenate([trace[..., 1:], new[..., None]], -1))
+    loss, grads = mg.value_and_grad(window_loss, argnums=(0, 1))(trace, new, weight)
+    t_trace, t_new = (torch.tensor(a, requires_grad=True) for a in (trace, new))
+    t_loss = torch_window_loss(t_trace, t_new, torch.tensor(weight))
+    t_loss.backward()
+    np.testing.assert_allclose(loss, t_loss.item(), rtol=1e-12)
+    for got, want in zip(grads, (t_trace.grad, t_new.grad)):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_trace_push_rejects_bad_shapes():
+    with pytest.raises(ShapeError, match="expected trace"):
+        ops.trace_push(np.zeros((4, 3, 5)), np.zeros((3, 4)))
+    with pytest.raises(ShapeError, match="dtype"):
+        ops.trace_push(np.zeros((4, 5), np.float32), np.zeros(4))
+
+
+@pytest.mark.max
+def test_compiled_trace_push_kernels_on_and_off(rng):
+    from modgrad.engine import compile as engine_compile
+
+    grad_fn = mg.value_and_grad(window_loss, argnums=(0, 1))
+    dims = (("D", "B", "M"), ("D", "B"), ("D", "B", "M"))
+    for kernels in (True, False):
+        fn = mg.compile(grad_fn, dims=dims, kernels=kernels, name=f"trace_push_kernels_{kernels}")
+        for shape in WINDOW_SHAPES:
+            inputs = window_inputs(rng, shape, np.float32)
+            loss, grads = fn(*inputs)
+            want_loss, want_grads = grad_fn(*(x.astype(np.float64) for x in inputs))
+            np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+            for name, got, want in zip(("d_trace", "d_new"), grads, want_grads):
+                assert_close_f32(got, want, f"{name} with kernels={kernels}, shape {shape}")
+
+        (plan, _, _), = fn._plans.values()
+        (segment,) = [step for step in plan.steps if step.outputs]
+        text = str(engine_compile._segment_graph(segment, "cpu", "trace_push_inspect", plan.kernels))
+        for op in ("trace_push", "trace_push_backward", "trace_push_backward_sum"):
+            assert (f'symbol = "{op}"' in text) == kernels, op

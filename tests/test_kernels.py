@@ -433,6 +433,45 @@ def test_mha_backward_matches_engine_gradient(mha_backward_model, device, batch,
 
 
 # --------------------------------------------------------------------------------------------
+# trace_push
+
+
+TRACE_CASES = [  # (R, M)
+    (1, 1),
+    (3, 2),
+    (1, 25),
+    (59, 25),  # rows split unevenly over the CPU tasks
+    (8192, 25),  # the maze CTM's window: D 512 times B 16
+    (7, 33),  # a row of two AVX-512 vectors and one more slot
+    (1000, 4),
+]
+
+
+@pytest.fixture(scope="module")
+def trace_model(session, device_ref):
+    window = f32(device_ref, "R", "M")
+
+    def build(trace, new, grad, other):
+        pushed = kernels.trace_push(trace, new)
+        return [pushed, *kernels.trace_push_backward(grad), *kernels.trace_push_backward(grad, other)]
+
+    return compile_graph(session, "trace_test", [window, f32(device_ref, "R"), window, window], build)
+
+
+@pytest.mark.parametrize("rows,slots", TRACE_CASES)
+def test_trace_push_matches_reference(trace_model, device, rows, slots):
+    rng = np.random.default_rng(rows + slots)
+    trace, grad, other = (rng.standard_normal((rows, slots)).astype(np.float32) for _ in range(3))
+    new = rng.standard_normal(rows).astype(np.float32)
+    pushed, d_trace, d_new, d_trace_sum, d_new_sum = run(trace_model, device, trace, new, grad, other)
+    # Copies and one float32 add per element, so the results are exact.
+    np.testing.assert_array_equal(pushed, np.concatenate([trace[:, 1:], new[:, None]], axis=1))
+    for total, got_trace, got_new in ((grad, d_trace, d_new), (grad + other, d_trace_sum, d_new_sum)):
+        np.testing.assert_array_equal(got_trace, np.concatenate([np.zeros((rows, 1), np.float32), total[:, :-1]], 1))
+        np.testing.assert_array_equal(got_new, total[:, -1])
+
+
+# --------------------------------------------------------------------------------------------
 # decode_attention
 
 

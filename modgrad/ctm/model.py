@@ -148,7 +148,7 @@ def run_ticks(params: dict, buffers: dict, cfg: CtmConfig, kv, state: dict, rest
         q = linear(params["q_proj"], s_act)  # (B, Di)
         o = attend(params, cfg, query, q, k, v)  # (B, Di)
         a = synapse(params["synapse"], ops.concat([o, z], -1))  # (B, D)
-        trace = ops.concat([trace[:, :, 1:], ops.expand_dims(ops.transpose(a, (1, 0)), -1)], -1)  # (D, B, M)
+        trace = ops.trace_push(trace, ops.transpose(a, (1, 0)))  # (D, B, M)
         z = nlm(params["nlm"], trace)  # (B, D)
         a_out, b_out, s_out = ops.sync_update(z, lo, ro, r_out, a_out, b_out)  # each (B, So)
         return (trace, z, a_out, b_out, a_act, b_act, s * 0.0 + 1.0), s_out

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from modgrad.engine.core import Primitive, ShapeError, bind, is_float, register
-from modgrad.engine.prims.elementwise import _sigmoid
+from modgrad.engine.core import Primitive, ShapeError, Value, bind, is_float, register
+from modgrad.engine.prims.elementwise import _sigmoid, add_p
 from modgrad.engine.prims.linalg import _matmul_rule, _matmul_vjp
 
 # --------------------------------------------------------------------------------------------
@@ -168,3 +168,60 @@ def _matvec_rule(x, w):
 # The gradient is that of a matmul. The backward pass has as many rows as the forward, so it
 # gains nothing from the small-batch kernel.
 matvec_p = register(Primitive("matvec", _matvec_rule, lambda x, w: [np.matmul(x, w)], _matmul_vjp))
+
+
+# --------------------------------------------------------------------------------------------
+# Trace window: push one value per row into the last axis and drop the oldest slot
+
+
+def _trace_push_rule(trace, new):
+    (ts, td), (ns, nd) = trace, new
+    if len(ts) < 1 or tuple(ns) != tuple(ts[:-1]):
+        raise ShapeError(f"expected trace (..., M) and new (...), got {tuple(ts)} and {tuple(ns)}")
+    if not is_float(td) or td != nd:
+        raise ShapeError(f"expected one floating dtype, got {td} and {nd}")
+    if isinstance(ts[-1], int) and ts[-1] < 1:
+        raise ShapeError(f"the window needs at least one slot, got {ts[-1]}")
+    return [(tuple(ts), td)]
+
+
+def _trace_push_impl(trace, new):
+    return [np.concatenate([trace[..., 1:], new[..., None]], axis=-1)]
+
+
+def _trace_push_vjp(node, g):
+    grad = g[0]
+    # The window's gradient is usually the sum of the next tick's and the NLM's. The backward op
+    # reads both summands, so the sum is not written out first.
+    producer = grad.node if isinstance(grad, Value) else None
+    if producer is not None and producer.prim is add_p and all(
+        isinstance(x, Value) and tuple(x.shape) == tuple(grad.shape) and x.dtype == grad.dtype
+        for x in producer.inputs
+    ):
+        return list(bind(trace_push_backward_p, *producer.inputs))
+    return list(bind(trace_push_backward_p, grad))
+
+
+def _trace_push_backward_rule(*grads):
+    if len(grads) not in (1, 2):
+        raise ShapeError(f"expected one or two gradients, got {len(grads)}")
+    shape, dtype = grads[0]
+    if any(tuple(s) != tuple(shape) or d != dtype for s, d in grads):
+        raise ShapeError(f"the gradients must share one shape and dtype, got {[tuple(s) for s, _ in grads]}")
+    if len(shape) < 1 or not is_float(dtype):
+        raise ShapeError(f"expected a floating gradient (..., M), got {tuple(shape)} {dtype}")
+    return [(tuple(shape), dtype), (tuple(shape[:-1]), dtype)]
+
+
+def _trace_push_backward_impl(*grads):
+    """Return (d_trace, d_new) for the sum of ``grads``: the oldest slot was dropped, so it gets 0."""
+    grad = grads[0] if len(grads) == 1 else grads[0] + grads[1]
+    d_trace = np.concatenate([np.zeros_like(grad[..., :1]), grad[..., :-1]], axis=-1)
+    return [d_trace, np.ascontiguousarray(grad[..., -1])]
+
+
+trace_push_p = register(Primitive("trace_push", _trace_push_rule, _trace_push_impl, _trace_push_vjp))
+# NOTE: no VJP, so a second derivative through the trace window raises NotImplementedError.
+trace_push_backward_p = register(
+    Primitive("trace_push_backward", _trace_push_backward_rule, _trace_push_backward_impl, multiple_results=True)
+)

@@ -358,7 +358,7 @@ def trace_push_ref(trace, new):
 
 
 def trace_push_backward_ours(grad, other):
-    """The backward of a window whose gradient arrives as the sum of two."""
+    """Apply the window's backward to a gradient that arrives as the sum of two."""
     return tuple(bind(fu.trace_push_backward_p, grad, other))
 
 

@@ -177,11 +177,14 @@ matvec_p = register(Primitive("matvec", _matvec_rule, lambda x, w: [np.matmul(x,
 def _trace_push_rule(trace, new):
     (ts, td), (ns, nd) = trace, new
     if len(ts) < 1 or tuple(ns) != tuple(ts[:-1]):
-        raise ShapeError(f"expected trace (..., M) and new (...), got {tuple(ts)} and {tuple(ns)}")
+        raise ShapeError(
+            f"expected trace (..., M) and new shaped like trace without its last axis: trace {tuple(ts)} "
+            f"needs new {tuple(ts[:-1])}, got {tuple(ns)}"
+        )
     if not is_float(td) or td != nd:
-        raise ShapeError(f"expected one floating dtype, got {td} and {nd}")
+        raise ShapeError(f"trace and new need one floating dtype, got {td} and {nd}. Cast both to float32 or float64")
     if isinstance(ts[-1], int) and ts[-1] < 1:
-        raise ShapeError(f"the window needs at least one slot, got {ts[-1]}")
+        raise ShapeError(f"the window needs at least one slot, got a trace of shape {tuple(ts)}")
     return [(tuple(ts), td)]
 
 
@@ -193,6 +196,8 @@ def _trace_push_vjp(node, g):
     grad = g[0]
     # The window's gradient is usually the sum of the next tick's and the NLM's. The backward op
     # reads both summands, so the sum is not written out first.
+    # NOTE: only a loop's backward step drops the unread add. Outside loops the numpy evaluator
+    # still computes it.
     producer = grad.node if isinstance(grad, Value) else None
     if producer is not None and producer.prim is add_p and all(
         isinstance(x, Value) and tuple(x.shape) == tuple(grad.shape) and x.dtype == grad.dtype

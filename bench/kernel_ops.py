@@ -11,7 +11,8 @@ graph), ``max_ops`` (the same math written with ``max.graph.ops``), ``numpy`` an
 (CPU, eager): medians, and in ``min_time_us`` the fastest run. The ``fused`` family times
 the engine's fused ops (``ops.nlm_glu``, ``ops.sync_update`` and their gradients) as
 ``modgrad.compile`` lowers them, with the kernel on (``mojo``) and off (``max_ops``). The
-``trace`` family times ``ops.trace_push`` and its gradient the same way. The achieved GB/s counts
+``trace`` family times ``ops.trace_push`` and its gradient the same way, and the ``norm`` family
+the layer norm, with and without SiLU, and its gradient. The achieved GB/s counts
 compulsory bytes: every input read once, every output written once. GB/s, GFLOP/s, the
 fraction of the copy bandwidth and the machine figures all come from the fastest runs,
 because on a machine shared with other work the fastest run is the better estimate.
@@ -50,7 +51,7 @@ from max.graph import DeviceRef, Graph, TensorType, TensorValue, ops  # noqa: E4
 
 from common import matmul_gflop_s  # noqa: E402
 from graphs import kernels  # noqa: E402
-from modgrad.engine.prims import fused  # noqa: E402
+from modgrad.engine.prims import fused, norm  # noqa: E402
 from modgrad.graphs import lower  # noqa: E402
 from modgrad.kernels import adamw_hyper, reference  # noqa: E402
 
@@ -431,6 +432,59 @@ def trace_cases(rng) -> list[Case]:
     return cases
 
 
+def norm_cases(rng) -> list[Case]:
+    """Build cases of the layer norm (``layer_norm``, plain and with SiLU) and its gradient at the
+    widths of the maze CTM's U-Net synapse (16 rows) and at a transformer's (512 tokens of
+    Qwen2.5-0.5B's 896)."""
+    cases = []
+    for rows, size in [(16, 16), (16, 441), (16, 512), (512, 896)]:
+        x, grad = _f32(rng, rows, size), _f32(rng, rows, size)
+        gamma, beta = _f32(rng, size), _f32(rng, size)
+        rows_type, vector_type = (DType.float32, ["R", size]), (DType.float32, [size])
+        for activation in ("none", "silu"):
+            suffix = "_silu" if activation == "silu" else ""
+            cases.append(_norm_case(
+                "layer_norm", suffix, activation, [x, gamma, beta], [rows_type, vector_type, vector_type],
+                torch_fn=_layer_norm_torch, bytes=2 * x.nbytes + 2 * gamma.nbytes, flops=8 * x.size,
+            ))
+            inputs, types = [x, gamma, grad], [rows_type, vector_type, rows_type]
+            if activation == "silu":
+                inputs, types = inputs + [beta], types + [vector_type]
+            cases.append(_norm_case(
+                "layer_norm_backward", suffix, activation, inputs, types,
+                torch_fn=_layer_norm_backward_torch, bytes=3 * x.nbytes + 3 * gamma.nbytes, flops=12 * x.size,
+            ))
+    return cases
+
+
+def _norm_case(prim: str, suffix: str, activation: str, inputs, types, torch_fn, bytes: int, flops: int) -> Case:
+    """Return the case of one layer norm primitive; the kernel name puts ``suffix`` after "layer_norm"."""
+    attrs = {"eps": 1e-5, "activation": activation}
+    shape = dict(R=inputs[0].shape[0], D=inputs[0].shape[1])
+    return Case(
+        prim.replace("layer_norm", "layer_norm" + suffix, 1), shape, inputs, types,
+        ours=lambda *v: lower(prim, list(v), {**attrs, "kernel": True}, v[0].device),
+        composition=lambda *v: lower(prim, list(v), attrs, v[0].device),
+        numpy_fn=lambda *v: getattr(norm, prim + "_p").impl(*v, **attrs),
+        torch_fn=lambda *v: torch_fn(*v, activation=activation),
+        bytes=bytes,
+        flops=flops,
+    )
+
+
+def _layer_norm_torch(x, gamma, beta, activation):
+    y = torch.nn.functional.layer_norm(x, (x.shape[-1],), gamma, beta, eps=1e-5)
+    return torch.nn.functional.silu(y) if activation == "silu" else y
+
+
+def _layer_norm_backward_torch(x, gamma, grad, *beta, activation):
+    with torch.enable_grad():  # the timing loop runs under no_grad
+        x, gamma = x.detach().requires_grad_(), gamma.detach().requires_grad_()
+        beta = beta[0].detach().requires_grad_() if beta else torch.zeros_like(gamma, requires_grad=True)
+        out = _layer_norm_torch(x, gamma, beta, activation)
+        return torch.autograd.grad(out, (x, gamma, beta), grad)
+
+
 def _trace_push_backward_torch(*grads):
     grad = grads[0] if len(grads) == 1 else grads[0] + grads[1]
     return torch.nn.functional.pad(grad[..., :-1], (1, 0)), grad[..., -1]
@@ -662,6 +716,7 @@ CASES: dict[str, Callable[[np.random.Generator], list[Case]]] = {
     "nlm": nlm_cases,
     "fused": fused_cases,
     "trace": trace_cases,
+    "norm": norm_cases,
     "matvec": matvec_cases,
     "adamw_fused": adamw_cases,
     "mha_single_query": mha_cases,

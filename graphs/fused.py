@@ -28,7 +28,11 @@ from modgrad.graphs import LOWERINGS, kernels, lowering
 # 100 tokens, 8 heads of 16) and 60 against 234 us at the maze CTM's. Its backward took 166
 # against 803 us and 105 against 471 us at the same two shapes. trace_push (fastest runs, quiet,
 # the maze CTM's window of D 512, B 16, M 25) took 51 against 280 us, its backward 50 against
-# 240 us, and its backward of a sum of two gradients 87 against 409 us.
+# 240 us, and its backward of a sum of two gradients 87 against 409 us. The layer norm kernels
+# are lowered in graphs/norm.py. At 16 rows of 441 values, as in the CTM's synapse (fastest
+# runs, quiet), the backward took 19 against 36 us and with SiLU 28 against 38 us. The forward
+# tied with MAX's built-in layer norm there (12 against 12 us, with SiLU 15 against 17 us) and
+# took 143 against 154 us at 512 rows of 896.
 # NOTE: GPUs get the same defaults without a measurement.
 KERNEL_DEFAULTS: dict[str, bool] = {
     "nlm_glu": True,
@@ -40,6 +44,8 @@ KERNEL_DEFAULTS: dict[str, bool] = {
     "single_query_attention_backward": True,
     "trace_push": True,
     "trace_push_backward": True,
+    "layer_norm": True,
+    "layer_norm_backward": True,
     "decode_attention": True,
     "causal_attention": True,
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import numpy as np
 from max.dtype import DType
 from max.graph import Dim, Graph, StaticDim, TensorType, TensorValue, ops
 
@@ -230,6 +231,58 @@ def trace_push_backward(grad: TensorValue, other: TensorValue | None = None) -> 
     rows = grad.shape[0]
     d_trace, d_new = _custom(op_name, grads, [_f32(grad, list(grad.shape)), _f32(grad, [rows])])
     return d_trace, d_new
+
+
+# --------------------------------------------------------------------------------------------
+# Layer norm
+
+
+def layer_norm(
+    x: TensorValue,  # (R, D) float32
+    gamma: TensorValue,  # (D,)
+    beta: TensorValue,  # (D,)
+    eps: float,
+    silu: bool = False,
+) -> TensorValue:
+    """Return the layer norm of each row of ``x`` (biased variance) times ``gamma`` plus ``beta``,
+    passed through SiLU when ``silu`` is True. CPU only."""
+    op_name = "layer_norm_silu" if silu else "layer_norm"
+    eps_value = _norm_eps(op_name, eps, x=(x, 2), gamma=(gamma, 1), beta=(beta, 1))
+    (y,) = _custom(op_name, [x, gamma, beta, eps_value], [_f32(x, list(x.shape))])
+    return y
+
+
+def layer_norm_backward(
+    x: TensorValue,  # (R, D) float32
+    gamma: TensorValue,  # (D,)
+    grad: TensorValue,  # (R, D), the gradient on the layer norm's output
+    eps: float,
+    beta: TensorValue | None = None,  # (D,), given for the gradient of layer_norm(..., silu=True)
+) -> tuple[TensorValue, TensorValue, TensorValue]:
+    """Return ``(d_x (R, D), d_gamma (D,), d_beta (D,))`` of :func:`layer_norm`, of its SiLU
+    variant when ``beta`` is given. CPU only."""
+    op_name = "layer_norm_backward" if beta is None else "layer_norm_silu_backward"
+    inputs = dict(x=(x, 2), gamma=(gamma, 1), grad=(grad, 2))
+    if beta is not None:
+        inputs["beta"] = (beta, 1)
+    eps_value = _norm_eps(op_name, eps, **inputs)
+    size = x.shape[1]
+    args = [x, gamma, grad] if beta is None else [x, gamma, beta, grad]
+    d_x, d_gamma, d_beta = _custom(
+        op_name, args + [eps_value], [_f32(x, list(x.shape)), _f32(x, [size]), _f32(x, [size])]
+    )
+    return d_x, d_gamma, d_beta
+
+
+def _norm_eps(op_name: str, eps: float, **values: tuple[TensorValue, int]) -> TensorValue:
+    """Check the kernel's inputs (name: (value, rank)) and return eps as a (1,) constant."""
+    for name, (value, rank) in values.items():
+        _check_rank(op_name, name, value, rank)
+        _check_dtype(op_name, name, value, (DType.float32,))
+    x = values["x"][0]
+    if not x.device.is_cpu():
+        raise ValueError(f"{op_name}: the kernel runs on the CPU only, got a value on {x.device}")
+    return ops.constant(np.array([eps], np.float32), DType.float32, x.device)
 
 
 # --------------------------------------------------------------------------------------------

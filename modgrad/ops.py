@@ -330,21 +330,25 @@ def log_softmax(x, axis: int = -1):
     return sub(x, logsumexp(x, axis, keepdims=True))
 
 
-def layer_norm(x, gamma, beta, eps: float = 1e-5):
-    """Normalise the last axis with biased variance, then scale and shift.
+def layer_norm(x, gamma, beta, eps: float = 1e-5, activation: str = "none"):
+    """Normalise the last axis with biased variance, then scale and shift, then apply
+    ``activation`` ("none" or "silu").
 
     gamma and beta of shape (D,) for x (..., D) make one fused op; other broadcastable shapes
     use the composition.
     """
+    if activation not in norm.ACTIVATIONS:
+        raise ValueError(f"layer_norm activation must be one of {norm.ACTIVATIONS}, got {activation!r}")
     parts = (x, gamma, beta)
     last = shape_of(x)[-1:]
     if (all(_is_tensor(a) for a in parts) and shape_of(gamma) == last == shape_of(beta)
             and dtype_of(gamma) == dtype_of(x) == dtype_of(beta)):
-        return bind(norm.layer_norm_p, x, gamma, beta, eps=float(eps))
+        return bind(norm.layer_norm_p, x, gamma, beta, eps=float(eps), activation=activation)
     mu = mean(x, -1, keepdims=True)
     xc = sub(x, mu)
     inv = rsqrt(add(mean(square(xc), -1, keepdims=True), eps))
-    return add(mul(mul(xc, inv), gamma), beta)
+    y = add(mul(mul(xc, inv), gamma), beta)
+    return silu(y) if activation == "silu" else y
 
 
 def rms_norm(x, weight, eps: float = 1e-6):

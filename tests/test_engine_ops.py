@@ -272,6 +272,9 @@ COMPOSITE_CASES = [
     Case("layer_norm_broadcast_gamma", ops.layer_norm,
          lambda x, g, b: F.layer_norm(x, (x.shape[-1],), None, None, eps=1e-5) * g + b,
          lambda r, n, d: [normal(2.0)(r, (3, n), d), normal()(r, (3, 1), d), normal()(r, (n,), d)]),
+    Case("layer_norm_broadcast_gamma_silu", lambda x, g, b: ops.layer_norm(x, g, b, activation="silu"),
+         lambda x, g, b: F.silu(F.layer_norm(x, (x.shape[-1],), None, None, eps=1e-5) * g + b),
+         lambda r, n, d: [normal(2.0)(r, (3, n), d), normal()(r, (3, 1), d), normal()(r, (n,), d)]),
     Case("rms_norm", ops.rms_norm, lambda x, w: F.rms_norm(x, (x.shape[-1],), w, eps=1e-6),
          lambda r, n, d: [normal(2.0)(r, (3, n), d), normal()(r, (n,), d)]),
     Case("glu", ops.glu, lambda x: F.glu(x, -1), lambda r, n, d: [normal()(r, (3, 2 * n), d)]),
@@ -381,6 +384,20 @@ def layer_norm_backward_ours(x, gamma, grad):
     return tuple(bind(norm.layer_norm_backward_p, x, gamma, grad, eps=1e-5))
 
 
+def layer_norm_silu_ref(x, gamma, beta):
+    return F.silu(layer_norm_ref(x, gamma, beta))
+
+
+def layer_norm_silu_backward_ours(x, gamma, beta, grad):
+    return tuple(bind(norm.layer_norm_backward_p, x, gamma, grad, beta, eps=1e-5, activation="silu"))
+
+
+def layer_norm_silu_backward_ref(x, gamma, beta, grad):
+    with torch.enable_grad():
+        inputs = [x.detach().requires_grad_(), gamma.detach().requires_grad_(), beta.detach().requires_grad_()]
+        return torch.autograd.grad(layer_norm_silu_ref(*inputs), inputs, grad)
+
+
 def layer_norm_backward_ref(x, gamma, grad):
     with torch.enable_grad():
         inputs = [x.detach().requires_grad_(), gamma.detach().requires_grad_(),
@@ -479,6 +496,11 @@ FUSED_CASES = [
          lambda r, n, d: decode_attention_inputs(r, n, d) + [normal()(r, (2, 4, 3), d)], "decode_attention_backward",
          differentiable=False),
     Case("layer_norm", ops.layer_norm, layer_norm_ref, layer_norm_inputs, "layer_norm"),
+    Case("layer_norm_silu", lambda x, g, b: ops.layer_norm(x, g, b, activation="silu"), layer_norm_silu_ref,
+         layer_norm_inputs, "layer_norm"),
+    Case("layer_norm_silu_backward", layer_norm_silu_backward_ours, layer_norm_silu_backward_ref,
+         lambda r, n, d: layer_norm_inputs(r, n, d) + [normal()(r, (2, 3, n), d)], "layer_norm_backward",
+         differentiable=False),
     Case("layer_norm_backward", layer_norm_backward_ours, layer_norm_backward_ref,
          lambda r, n, d: layer_norm_inputs(r, n, d)[:2] + [normal()(r, (2, 3, n), d)], "layer_norm_backward",
          differentiable=False),

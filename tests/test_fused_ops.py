@@ -1,5 +1,5 @@
 """The fused ops ``ops.nlm_glu``, ``ops.sync_update``, ``ops.matvec`` and ``ops.trace_push`` against
-torch, their compositions, and compiled.
+torch, their compositions, and compiled; and the compiled layer norm and its gradient, with and without SiLU, kernels on and off.
 
 The NLM checks cover D in {1, 9, 32, 512}, M in {2, 4, 8, 25}, B in {1, 3} and H in
 {1, 3, 32}, so the matmuls meet single and odd sizes. The sync checks cover B in {1, 3}, the
@@ -399,3 +399,44 @@ def test_compiled_trace_push_kernels_on_and_off(rng):
         text = str(engine_compile._segment_graph(segment, "cpu", "trace_push_inspect", plan.kernels))
         for op in ("trace_push", "trace_push_backward", "trace_push_backward_sum"):
             assert (f'symbol = "{op}"' in text) == kernels, op
+
+
+# --------------------------------------------------------------------------------------------
+# Layer norm and its gradient
+
+NORM_SHAPES = [(1, 1, 1), (2, 3, 9), (4, 16, 441)]  # (A, B, D): the kernels get A * B rows
+
+
+def norm_loss(x, gamma, beta, weight):
+    """A plain layer norm feeding one with SiLU, so that both kernels run each way."""
+    inner = ops.layer_norm(x, gamma, beta, activation="silu")
+    return ops.sum(ops.sin(ops.layer_norm(inner * weight, gamma, beta)) * weight)
+
+
+@pytest.mark.max
+def test_compiled_layer_norm_kernels_on_and_off(rng):
+    from modgrad.engine import compile as engine_compile
+
+    grad_fn = mg.value_and_grad(norm_loss, argnums=(0, 1, 2))
+    dims = (("A", "B", "D"), ("D",), ("D",), ("A", "B", "D"))
+    for kernels in (True, False):
+        fn = mg.compile(grad_fn, dims=dims, kernels=kernels, name=f"layer_norm_kernel_{kernels}")
+        for a, b, d in NORM_SHAPES:
+            inputs = [rng.standard_normal(s).astype(np.float32) for s in ((a, b, d), (d,), (d,), (a, b, d))]
+            loss, grads = fn(*inputs)
+            want_loss, want_grads = grad_fn(*(x.astype(np.float64) for x in inputs))
+            np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-5)
+            for name, got, want in zip(("d_x", "d_gamma", "d_beta"), grads, want_grads):
+                assert_close_f32(got, want, f"{name} with kernels={kernels}, shape {(a, b, d)}")
+
+        (plan, _, _), = fn._plans.values()
+        (segment,) = [step for step in plan.steps if step.outputs]
+        text = str(engine_compile._segment_graph(segment, "cpu", "layer_norm_inspect", plan.kernels))
+        for op in ("layer_norm", "layer_norm_silu", "layer_norm_backward", "layer_norm_silu_backward"):
+            assert (f'symbol = "{op}"' in text) == kernels, op
+
+
+def test_layer_norm_rejects_unknown_activation():
+    x, gamma = np.ones((2, 3)), np.ones(3)
+    with pytest.raises(ValueError, match="'gelu'"):
+        ops.layer_norm(x, gamma, gamma, activation="gelu")

@@ -7,8 +7,8 @@ memories 2, 4, 8 and 25, so the SIMD loops meet empty, scalar, odd and multi-vec
 Tolerances (float32 kernels, float64 oracles computed from the same float32 inputs):
 elementwise results use rtol = atol = 1e-5. A result that sums n products gets an extra
 absolute slack of 4 * sqrt(n) * eps32 * sum|terms|, the usual estimate of float32 summation
-error, because the kernels sum in another order than the oracle (SIMD lanes, FMA). Only
-matvec with K = 1000 needs that slack at present.
+error, because the kernels sum in another order than the oracle (SIMD lanes, FMA). The
+layer norm checks and matvec with K = 1000 add that slack.
 
 MODGRAD_TEST_DEVICE=gpu runs the same checks on the first MAX accelerator.
 """
@@ -29,6 +29,7 @@ from max.graph import DeviceRef, Graph, TensorType, ops
 
 from modgrad.graphs import kernels
 from modgrad.engine.prims.attention import _single_query_backward_impl
+from modgrad.engine.prims.norm import _layer_norm_backward_impl, _layer_norm_impl
 from modgrad.kernels import adamw_hyper, reference
 
 pytestmark = pytest.mark.max
@@ -469,6 +470,71 @@ def test_trace_push_matches_reference(trace_model, device, rows, slots):
     for total, got_trace, got_new in ((grad, d_trace, d_new), (grad + other, d_trace_sum, d_new_sum)):
         np.testing.assert_array_equal(got_trace, np.concatenate([np.zeros((rows, 1), np.float32), total[:, :-1]], 1))
         np.testing.assert_array_equal(got_new, total[:, -1])
+
+
+# --------------------------------------------------------------------------------------------
+# layer_norm and layer_norm_backward
+
+
+LAYER_NORM_CASES = [  # (R, D)
+    (1, 1),
+    (3, 9),
+    (16, 16),  # the U-Net synapse's narrowest layer at batch 16
+    (16, 441),  # a row of 27 AVX-512 vectors and 9 more values
+    (2, 15),  # a row shorter than one AVX-512 vector
+    (16, 512),
+    (59, 1000),  # 59,000 values: the rows split over the CPU tasks
+    (1000, 33),
+]
+
+
+@pytest.fixture(scope="module")
+def layer_norm_model(session, device_ref):
+    rows, vector = f32(device_ref, "R", "D"), f32(device_ref, "D")
+
+    def build(x, gamma, beta, grad):
+        return [kernels.layer_norm(x, gamma, beta, 1e-5), kernels.layer_norm(x, gamma, beta, 1e-5, silu=True),
+                *kernels.layer_norm_backward(x, gamma, grad, 1e-5),
+                *kernels.layer_norm_backward(x, gamma, grad, 1e-5, beta=beta)]
+
+    return compile_graph(session, "layer_norm_test", [rows, vector, vector, rows], build)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the layer norm kernels run on the CPU only")
+@pytest.mark.parametrize("rows,size", LAYER_NORM_CASES)
+def test_layer_norm_matches_engine(layer_norm_model, device, rows, size):
+    rng = np.random.default_rng(rows * size)
+    x = (rng.standard_normal((rows, size)) * 3 + 1).astype(np.float32)
+    gamma, beta = (rng.standard_normal(size).astype(np.float32) for _ in range(2))
+    grad = rng.standard_normal((rows, size)).astype(np.float32)
+    y, y_silu, *backward = run(layer_norm_model, device, x, gamma, beta, grad)
+    x64, gamma64, beta64, grad64 = as64(x, gamma, beta, grad)
+    centred = x64 - x64.mean(-1, keepdims=True)
+    inv_std = 1 / np.sqrt((centred * centred).mean(-1, keepdims=True) + 1e-5)
+    x_hat = centred * inv_std
+    # x_hat comes from two sums over the row, whose rounding error scales with |x - mean| * inv_std.
+    hat_slack = (np.abs(x_hat) + 1) * np.abs(gamma64)
+    for activation, got in (("none", y), ("silu", y_silu)):
+        (want,) = _layer_norm_impl(x64, gamma64, beta64, eps=1e-5, activation=activation)
+        assert_close(got, want, terms=size, abs_sum=hat_slack)
+    for activation, (d_x, d_gamma, d_beta) in (("none", backward[:3]), ("silu", backward[3:])):
+        extra = (beta64,) if activation == "silu" else ()
+        want_x, want_gamma, want_beta = _layer_norm_backward_impl(x64, gamma64, grad64, *extra, eps=1e-5,
+                                                                  activation=activation)
+        g = grad64 if activation == "none" else _silu_grad_on_y(x_hat, gamma64, beta64, grad64)
+        d_hat = g * gamma64
+        # d_x sums d_hat and d_hat * x_hat over the row, and x_hat itself comes from sums over the row.
+        row_terms = inv_std * (np.abs(d_hat).mean(-1, keepdims=True)
+                               + (1 + np.abs(x_hat)) * np.abs(d_hat * x_hat).mean(-1, keepdims=True))
+        assert_close(d_x, want_x, terms=size, abs_sum=row_terms + np.abs(d_hat) * inv_std)
+        assert_close(d_gamma, want_gamma, terms=rows * size, abs_sum=np.abs(g * x_hat).sum(0) + np.abs(g).sum(0))
+        assert_close(d_beta, want_beta, terms=rows * size, abs_sum=np.abs(g).sum(0))
+
+
+def _silu_grad_on_y(x_hat, gamma, beta, grad):
+    y = x_hat * gamma + beta
+    s = 1 / (1 + np.exp(-y))
+    return grad * s * (1 + y * (1 - s))
 
 
 # --------------------------------------------------------------------------------------------

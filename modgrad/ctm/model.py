@@ -30,15 +30,15 @@ def linear(p: dict, x):
     return ops.matmul(x, p["w"]) + p["b"]
 
 
-def layer_norm(p: dict, x):
-    return ops.layer_norm(x, p["g"], p["b"], eps=1e-5)
+def layer_norm(p: dict, x, activation: str = "none"):
+    return ops.layer_norm(x, p["g"], p["b"], eps=1e-5, activation=activation)
 
 
 def synapse(p: dict, x):
     """Linear-LN-SiLU blocks; with depth > 1 a U-Net whose skip joins are LayerNormed sums."""
 
     def block(bp, h):
-        return ops.silu(layer_norm(bp["ln"], linear(bp["linear"], h)))
+        return layer_norm(bp["ln"], linear(bp["linear"], h), activation="silu")
 
     h = [block(p["first"], x)]  # (B, D)
     if "down" not in p:

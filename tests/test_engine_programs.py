@@ -429,6 +429,25 @@ def test_small_sums_unpacked_for_numpy(rng):
     assert (16,) not in carried, carried
 
 
+def test_small_sums_packed_up_to_limit(rng, monkeypatch):
+    """Past PACK_MAX_SUMS sums, the rest keep a carry each, and the gradients stay exact."""
+    from modgrad.engine.interpret import run_program
+    from modgrad.engine.prims import deferred
+    from modgrad.engine.pytree import tree_flatten
+
+    monkeypatch.setattr(deferred, "PACK_MAX_SUMS", 3)
+    p, xs = layer_norm_loop_params(rng)
+    program, carried = traced_layer_norm_loop(p, xs, "cpu")
+    assert carried.count((12,)) == 1, carried
+    assert carried.count((4,)) == 1, carried
+
+    loss, grads = mg.value_and_grad(layer_norm_loop_loss)(p, xs)
+    got = run_program(program, [*p.values(), xs])
+    np.testing.assert_allclose(got[0], loss, rtol=1e-12)
+    for name, value, want in zip(sorted(grads), got[1:], tree_flatten(grads)[0]):
+        np.testing.assert_allclose(value, want, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 def test_nested_loop_gradient_matches_eager(rng):
     """A scan inside a scan body: the inner loop's residuals become residuals of the outer loop."""
 

@@ -10,9 +10,9 @@ likewise becomes one reduction of the stacked g_t.
 running sum, and ``deferred_sum`` builds their total from the stacked per-step operands.
 
 The running sums that stay in the loop and hold few values each (a layer norm's scale and
-shift, per layer) are packed into one flat carry by ``pack_small_sums``: the backward step
-adds all of them with one op and passes one value on, instead of an add and a loop value per
-constant. ``unpack_sums`` cuts the packed total apart after the loop. Compiled programs pack.
+shift, per layer) are packed into one flat carry by ``pack_small_sums``, up to
+``PACK_MAX_SUMS`` of them: the backward step adds them with one op and passes one value on,
+instead of an add and a loop value per constant. ``unpack_sums`` cuts the packed total apart after the loop. Compiled programs pack.
 Programs for the numpy evaluator do not: it pays per op for the packing's reshapes much as for
 the adds they replace, and an 8-region maze brain's step took 1.08 s packed against 1.04 s.
 """
@@ -137,6 +137,10 @@ def deferred_sum(terms: list[Term], stacked: dict[int, Value]) -> Value:
 # NOTE: the limit was not searched for. A larger sum still costs a pass per step, 170-260 us for
 # an NLM weight of 512 x 25 x 64 values. A fused op that adds into the running sum would save it.
 PACK_ELEMENTS = 65_536
+# At most this many sums go into the packed carry, and the rest keep an add each. MAX 26.7
+# compiles a concat of many inputs slowly (2-core CPU): 16 flat inputs took 25 s and 1.2 GB,
+# 64 took 61 s and 3.0 GB. The 254 of an eight-region brain's backward step ran past 17 GB.
+PACK_MAX_SUMS = 64
 
 
 class Packed(NamedTuple):
@@ -182,7 +186,7 @@ def pack_small_sums(step: Trace, running: list[Value], totals: list[Value], init
         if chosen and ph.dtype != running[chosen[0]].dtype:
             continue
         increments = _increments(total, ph, producers)
-        if increments is not None:
+        if increments is not None and len(chosen) < PACK_MAX_SUMS:
             chosen.append(i)
             pieces.append(increments)
     if len(chosen) < 2:

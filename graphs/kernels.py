@@ -281,7 +281,8 @@ def _norm_eps(op_name: str, eps: float, **values: tuple[TensorValue, int]) -> Te
         _check_dtype(op_name, name, value, (DType.float32,))
     x = values["x"][0]
     if not x.device.is_cpu():
-        raise ValueError(f"{op_name}: the kernel runs on the CPU only, got a value on {x.device}")
+        raise ValueError(f"{op_name}: the kernel runs on the CPU only, got a value on {x.device}. "
+                         "Lower ops.layer_norm without the kernel there")
     return ops.constant(np.array([eps], np.float32), DType.float32, x.device)
 
 
